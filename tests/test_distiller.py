@@ -1,0 +1,379 @@
+"Integration tests of kdlit.distiller on tiny random Llama pairs (fast) and on the real teacher (slow)."
+import copy, csv, json, math, pathlib
+
+import pytest
+import torch
+from torch import nn
+
+from kdlit.data import make_loaders
+from kdlit.distiller import (Callback, CancelFitException, Distiller, find_checkpoint, make_accelerator)
+from kdlit.models import tiny_pair
+from kdlit.safeguards import TrainingDiverged
+
+TEXT = ("Knowledge distillation trains a small student to match the softened output distribution of a large "
+        "teacher. The temperature flattens both distributions; the T squared factor keeps gradient scales. ") * 30
+CUR = dict(kd=1.0, lm=0.5)
+
+
+def setup(seed=0, batch_size=4, block_size=32, **kw):
+    teacher, student, tok = tiny_pair(seed=seed, **kw)
+    dls = make_loaders(tok, [TEXT], block_size=block_size, batch_size=batch_size, n_valid=4, seed=seed)
+    return teacher, student, dls
+
+
+def distiller(*, seed=0, batch_size=4, curriculum=CUR, pair_kw=None, **kw):
+    torch.manual_seed(seed)
+    teacher, student, dls = setup(seed, batch_size, **(pair_kw or {}))
+    kw = dict(dict(lr=3e-3, precision="no", verbose=False, curriculum=curriculum), **kw)
+    return Distiller(teacher, student, dls, **kw)
+
+
+def params(d): return {k: v.detach().clone() for k, v in d.accelerator.unwrap_model(d.student).state_dict().items()}
+
+
+def max_diff(a, b): return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+class At(Callback):
+    "Run `fn(learn)` at `event` when `learn.step` is in `steps`."
+    order = 100
+    def __init__(self, event, steps, fn):
+        self.steps, self.fn = set(steps), fn
+        setattr(self, event, self._call)
+    def _call(self, learn):
+        if learn.step in self.steps: self.fn(learn)
+
+
+# ---------------------------------------------------------------- training works
+def test_fit_reduces_loss():
+    d = distiller().fit(40)
+    assert len(d.history) == 40
+    first = sum(r["loss"] for r in d.history[:3]) / 3
+    last = sum(r["loss"] for r in d.history[-3:]) / 3
+    assert last < 0.8 * first
+    assert d.evals[-1]["val_lm"] < d.evals[0]["val_lm"]
+    assert d.evals[0]["step"] == 0 and d.evals[-1]["step"] == 40
+    assert d.teacher_eval is not None and "val_ppl" in d.teacher_eval
+
+
+def test_ce_only_never_runs_the_teacher_in_training():
+    d = distiller(curriculum=dict(kd=0.0, lm=1.0), eval_at_start=False, eval_every=100)
+    calls = []
+    d.teacher.register_forward_hook(lambda *a: calls.append(1))
+    d.fit(5)
+    assert "kd" not in d.history[0] and "lm" in d.history[0]
+    assert len(calls) == 2 * len(d.dls.valid)   # only at the final evaluation: its baseline and val_kd
+    assert not d.need_teacher
+
+
+def test_components_are_weighted_logged_and_trained():
+    class Scale(nn.Module):
+        "A toy alignment loss with a trainable parameter: (a * mean h_s - mean h_t)^2."
+        name, needs_hidden_states, needs_attentions = "feat", True, False
+        def __init__(self): super().__init__(); self.a = nn.Parameter(torch.tensor(0.5))
+        def forward(self, s_out, t_out, mask):
+            return (self.a * s_out.hidden_states[-1][mask].mean() - t_out.hidden_states[-1][mask].mean()) ** 2
+    comp = Scale()
+    d = distiller(components=[comp], curriculum=dict(kd=1.0, lm=0.5, feat=("linear", 1.0, 0.0)))
+    d.fit(6)
+    r = d.history[2]
+    assert {"feat", "feat_weighted", "w_feat"} <= set(r)
+    assert math.isclose(r["feat_weighted"], r["w_feat"] * r["feat"], rel_tol=1e-6)
+    assert math.isclose(d.history[0]["w_feat"], 1.0) and math.isclose(d.history[-1]["w_feat"], 0.0)
+    assert float(comp.a.detach()) != 0.5
+    assert d.need_hidden and not d.need_attn
+
+
+def test_attention_component_switches_to_eager():
+    from kdlit.alignment import alignment_components
+    teacher, student, dls = setup(pair_kw=dict(attn_implementation="sdpa"))
+    comps = alignment_components(student, teacher, ["attn"])
+    d = Distiller(teacher, student, dls, components=comps, curriculum=dict(kd=1.0, attn=0.1), precision="no",
+                  verbose=False, eval_at_start=False)
+    assert d.need_attn and teacher.config._attn_implementation == "eager"
+    d.fit(2)
+    assert "attn" in d.history[-1] and math.isfinite(d.history[-1]["attn"])
+
+
+# ---------------------------------------------------------------- gradient accumulation
+class ListLoaders:
+    "Plain loaders over a fixed list of examples with unevenly masked labels (no kdlit sampler)."
+    def __init__(self, batch_size, n=8, seq=24, vocab=257, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        ex = []
+        for i in range(n):
+            ids = torch.randint(0, vocab, (seq,), generator=g)
+            labels = ids.clone(); labels[: 3 * i] = -100          # very different valid counts per row
+            ex.append(dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels))
+        self.train = torch.utils.data.DataLoader(ex, batch_size=batch_size, shuffle=False)
+        self.valid = torch.utils.data.DataLoader(ex[:2], batch_size=2)
+
+
+@pytest.mark.parametrize("bs,accum", [(4, 2), (2, 4), (1, 8)])
+def test_grad_accum_equals_large_batch(bs, accum):
+    def one_step(bs, accum):
+        torch.manual_seed(0)
+        teacher, student, _ = setup()
+        d = Distiller(teacher, student, ListLoaders(bs), grad_accum=accum, lr=1.0, max_grad_norm=None,
+                      opt_func=lambda ps, lr: torch.optim.SGD(ps, lr=lr), precision="no", verbose=False,
+                      eval_at_start=False, eval_every=100, curriculum=CUR)
+        p0 = params(d)
+        d.fit(1)
+        p1 = params(d)
+        return {k: p1[k] - p0[k] for k in p0}, d.history[0]
+    big, rb = one_step(8, 1)
+    small, rs = one_step(bs, accum)
+    assert max(float(v.abs().max()) for v in big.values()) > 1e-4            # the step did move the weights
+    assert max_diff(big, small) < 1e-6
+    assert rb["tokens"] == rs["tokens"]
+    for k in ("loss", "kd", "lm", "grad_norm"): assert math.isclose(rb[k], rs[k], rel_tol=1e-5), k
+
+
+# ---------------------------------------------------------------- mixed precision
+def _cpu_autocast_ok(dtype):
+    try:
+        with torch.autocast("cpu", dtype=dtype): y = torch.ones(2, 2) @ torch.ones(2, 2)
+        return y.dtype == dtype
+    except Exception: return False
+
+
+@pytest.mark.parametrize("prec,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_mixed_precision_runs_on_cpu(prec, dtype):
+    if not _cpu_autocast_ok(dtype): pytest.skip(f"this torch has no CPU autocast for {dtype}")
+    d = distiller(precision=prec, grad_accum=2).fit(8)
+    assert d.accelerator.mixed_precision == prec
+    assert all(math.isfinite(r["loss"]) for r in d.history)
+    assert d.evals[-1]["val_lm"] < d.evals[0]["val_lm"]
+    if prec == "fp16":
+        assert d.scaler is not None and d.scaler.is_enabled()
+        with d.accelerator.autocast(): assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
+
+
+def test_fp16_scaler_overflow_is_skipped_by_scaler_not_counted(tmp_path):
+    if not _cpu_autocast_ok(torch.float16): pytest.skip("no CPU fp16 autocast")
+    d = distiller(precision="fp16")
+    d.scaler._init_scale = 2.0 ** 120                   # the first backward overflows the fp16 gradients
+    d.fit(4)
+    assert d.history[0]["skipped"] == 1
+    assert d.guard.n_skipped == 0 and d.guard.n_scaler_skips >= 1
+    assert d.scaler.get_scale() < 2.0 ** 120
+    assert math.isfinite(d.history[-1]["loss"])
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+def _run(steps, *, ckpt=None, resume=None, stop_at=None, every=5, **kw):
+    stop = At("after_step", [stop_at] if stop_at else [], lambda l: (_ for _ in ()).throw(KeyboardInterrupt()))
+    d = distiller(ckpt_dir=ckpt, ckpt_every=every if ckpt else None, cbs=[stop], **kw)
+    try: d.fit(steps, resume=resume)
+    except KeyboardInterrupt: pass
+    return d
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_is_exact(tmp_path, accum):
+    full = _run(20, grad_accum=accum, eval_every=5)
+    part = _run(20, ckpt=tmp_path, stop_at=12, grad_accum=accum, eval_every=5)   # Ctrl-C after step 12
+    assert len(part.history) == 12
+    assert find_checkpoint(tmp_path).name == "step-0000010"                       # last complete checkpoint
+    cont = _run(20, ckpt=tmp_path, resume=tmp_path, grad_accum=accum, eval_every=5)
+    assert len(cont.history) == 20
+    for a, b in zip(full.history, cont.history):
+        for k in ("loss", "kd", "lm", "grad_norm", "lr", "T"): assert abs(a[k] - b[k]) <= 1e-6, (a["step"], k)
+    assert [e["val_lm"] for e in full.evals] == pytest.approx([e["val_lm"] for e in cont.evals], abs=1e-6)
+    assert max_diff(params(full), params(cont)) <= 1e-6
+    layout = sorted(p.name for p in find_checkpoint(tmp_path).iterdir())
+    for f in ("kdlit_meta.json", "kdlit_state.pt", "model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+        assert f in layout
+    meta = json.loads((find_checkpoint(tmp_path) / "kdlit_meta.json").read_text())
+    assert meta["step"] == 20 and meta["n_steps"] == 20 and meta["format"] == "kdlit-checkpoint"
+
+
+def test_interrupt_while_saving_keeps_last_checkpoint(tmp_path):
+    d = distiller(ckpt_dir=tmp_path, ckpt_every=3, eval_every=100)
+    real = d.accelerator.save_state
+    def boom(out):
+        real(out)
+        if d.step == 6: raise KeyboardInterrupt          # killed mid-checkpoint, after accelerate wrote its files
+    d.accelerator.save_state = boom
+    with pytest.raises(KeyboardInterrupt): d.fit(9)
+    assert find_checkpoint(tmp_path).name == "step-0000003"
+    cont = _run(9, ckpt=tmp_path, resume=tmp_path, every=3, eval_every=100)
+    assert len(cont.history) == 9 and cont.history[3]["step"] == 4
+
+
+def test_cancel_fit_is_clean():
+    d = distiller(cbs=[At("after_step", [3], lambda l: (_ for _ in ()).throw(CancelFitException()))])
+    d.fit(10)
+    assert d.step == 3 and len(d.history) == 3
+
+
+def test_bad_checkpoints_fail_clearly(tmp_path):
+    d = distiller(ckpt_dir=tmp_path / "ck").fit(3)
+    ck = find_checkpoint(tmp_path / "ck")
+    with pytest.raises(ValueError, match="does not match"):       # a different student
+        distiller(pair_kw=dict(hidden_size=48)).fit(3, resume=ck)
+    with pytest.raises(ValueError, match="not a kdlit checkpoint"):
+        distiller().fit(3, resume=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        distiller().fit(3, resume=tmp_path / "missing")
+    (ck / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        distiller().fit(3, resume=ck)
+    (ck / "kdlit_meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        distiller().fit(3, resume=ck)
+
+
+# ---------------------------------------------------------------- the guard
+def _nan_logits(learn):
+    h = learn.accelerator.unwrap_model(learn.student).register_forward_hook(
+        lambda m, i, out: (setattr(out, "logits", out.logits * float("nan")), out)[1])
+    learn._hook = h
+
+
+def _unhook(learn):
+    if getattr(learn, "_hook", None) is not None: learn._hook.remove(); learn._hook = None
+
+
+class Snapshot(Callback):
+    "Parameters and optimizer step counts before and after chosen steps."
+    order = 90
+    def __init__(self, steps): self.steps, self.before, self.after = set(steps), {}, {}
+    def _opt(self, learn): return [float(s["step"]) for s in learn.opt.optimizer.state.values() if "step" in s]
+    def before_step(self, learn):
+        if learn.step in self.steps: self.before[learn.step] = (params(learn), self._opt(learn))
+    def after_step(self, learn):
+        if learn.step - 1 in self.steps: self.after[learn.step - 1] = (params(learn), self._opt(learn))
+
+
+@pytest.mark.parametrize("prec", ["no", "fp16"])
+def test_injected_nan_logits_are_skipped(prec):
+    if prec == "fp16" and not _cpu_autocast_ok(torch.float16): pytest.skip("no CPU fp16 autocast")
+    snap = Snapshot([4])
+    d = distiller(precision=prec, cbs=[At("before_step", [4], _nan_logits), At("after_step", [5], _unhook), snap])
+    d.fit(10)
+    assert d.history[4]["skipped"] == 1 and sum(r["skipped"] for r in d.history) == 1
+    (p0, o0), (p1, o1) = snap.before[4], snap.after[4]
+    assert max_diff(p0, p1) == 0 and o0 == o1                 # weights and optimizer state untouched
+    assert d.guard.n_skipped == 1 and d.guard.anomalies[0].step == 4
+    assert math.isfinite(d.history[-1]["loss"]) and d.history[-1]["lr"] > 0
+    assert d.monitor.counts["nonfinite"] >= 1
+
+
+def test_injected_inf_gradient_is_skipped():
+    snap = Snapshot([3])
+    def inf_grad(learn):
+        p = next(learn.accelerator.unwrap_model(learn.student).parameters())
+        learn._hook = p.register_hook(lambda g: g * float("inf"))
+    d = distiller(cbs=[At("before_step", [3], inf_grad), At("after_step", [4], _unhook), snap])
+    d.fit(8)
+    assert d.history[3]["skipped"] == 1 and not math.isfinite(d.history[3]["grad_norm"])
+    (p0, o0), (p1, o1) = snap.before[3], snap.after[3]
+    assert max_diff(p0, p1) == 0 and o0 == o1
+    assert [a.component for a in d.guard.anomalies] == ["grad_norm"]
+
+
+def test_consecutive_faults_raise_training_diverged():
+    d = distiller(cbs=[At("before_step", [2], _nan_logits)])
+    with pytest.raises(TrainingDiverged): d.fit(20)
+    assert d.guard.n_skipped == d.guard.max_consecutive
+
+
+# ---------------------------------------------------------------- configuration errors
+class Named(nn.Module):
+    needs_hidden_states = needs_attentions = False
+    def __init__(self, name): super().__init__(); self.name = name
+    def forward(self, s, t, m): return torch.zeros(())
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(precision="fp12"), "precision"),
+    (dict(grad_accum=0), "grad_accum"),
+    (dict(lr=-1.0), "lr"),
+    (dict(max_grad_norm=0), "max_grad_norm"),
+    (dict(warmup=1.5), "warmup"),
+    (dict(ckpt_every=5), "ckpt_dir"),
+    (dict(curriculum=dict(kd=0.0, lm=0.0)), "nothing to train"),
+    (dict(curriculum="kd"), "curriculum"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(components=[Named("foo")]), "not an alignment weight"),
+    (dict(components=[Named("feat"), Named("feat")], curriculum=dict(kd=1.0, feat=0.1)), "share the name"),
+    (dict(components=[nn.Linear(2, 2)]), "name"),
+])
+def test_bad_configuration_fails_fast(kw, msg):
+    teacher, student, dls = setup()
+    with pytest.raises(ValueError, match=msg): Distiller(teacher, student, dls, verbose=False, **kw)
+
+
+def test_bad_pairs_and_fit_arguments():
+    teacher, _, dls = setup()
+    _, other, _ = tiny_pair(vocab_size=128)          # the tokenizer (257 ids) does not fit the student
+    with pytest.raises(ValueError, match="vocabulary"): Distiller(teacher, other, dls, verbose=False)
+    _, padded, _ = tiny_pair(vocab_size=300)         # a padded vocabulary is fine: logits are sliced to 257
+    assert Distiller(teacher, padded, dls, verbose=False).vocab_size == 257
+    with pytest.raises(ValueError, match="dls"): Distiller(teacher, other, [1, 2], verbose=False)
+    d = distiller()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="steps"): d.fit(bad)
+    assert d.step == 0 and d.history == []
+
+
+def test_precision_switch_in_one_process():
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"
+
+
+# ---------------------------------------------------------------- outputs
+def test_history_rows_and_csv(tmp_path):
+    d = distiller(eval_every=4, warmup=2, temperature=("linear", 2.0, 1.0)).fit(9)
+    h = d.history
+    keys = {"step", "p", "loss", "kd", "kd_weighted", "w_kd", "lm", "lm_weighted", "w_lm", "D", "T", "T2", "lr",
+            "grad_norm", "max_logit_student", "max_logit_teacher", "skipped", "tokens", "step_time"}
+    assert keys <= set(h[0])
+    assert [r["step"] for r in h] == list(range(1, 10))
+    assert h[0]["T"] == 2.0 and h[-1]["T"] == 1.0 and math.isclose(h[4]["T"], 1.5)
+    for r in h:
+        assert math.isclose(r["D"] * r["T"] ** 2, r["kd"], rel_tol=1e-9) and math.isclose(r["T2"], r["T"] ** 2)
+        assert math.isclose(r["loss"], r["kd_weighted"] + r["lm_weighted"], rel_tol=1e-5)
+        assert r["tokens"] == 4 * 31 and r["max_logit_student"] > 0
+    assert h[1]["lr"] > h[0]["lr"] and h[-1]["lr"] < h[2]["lr"]                   # warm-up, then cosine decay
+    assert [r["step"] for r in h if "val_lm" in r] == [4, 8, 9]
+    assert math.isclose(h[3]["val_ppl"], math.exp(h[3]["val_lm"]), rel_tol=1e-9)
+    rows = list(csv.DictReader(open(d.save_history(tmp_path / "h.csv"))))
+    assert len(rows) == 9 and rows[0]["val_lm"] == "" and float(rows[3]["val_lm"]) == pytest.approx(h[3]["val_lm"])
+    assert float(rows[5]["kd"]) == pytest.approx(h[5]["kd"], rel=1e-12)
+    assert any(l.startswith("[CURRICULUM] Step 4 (44%)") for l in d.logs)
+    assert "gap closed" in d.summary() or "teacher" in d.summary()
+    fig = d.plot_history()
+    assert len(fig.axes) == 4
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    d = distiller().fit(3)
+    d.save_pretrained(tmp_path / "student")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    ids = next(iter(d.dls.valid))["input_ids"]
+    with torch.no_grad():
+        ref = d.accelerator.unwrap_model(d.student).eval()(input_ids=ids).logits
+        assert torch.allclose(m(input_ids=ids).logits, ref, atol=1e-5)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "student")
+    assert len(tok) == len(d.tokenizer)
+
+
+# ---------------------------------------------------------------- the real teacher
+@pytest.mark.slow
+def test_real_teacher_kd_beats_ce_only():
+    from kdlit.models import default_teacher, make_student
+    torch.set_num_threads(max(torch.get_num_threads(), 2))
+    teacher, tok = default_teacher()
+    base = make_student(teacher, n_layers=10)
+    dls = lambda: make_loaders(tok, block_size=32, batch_size=4, n_valid=16, seed=0)
+    out = {}
+    for name, cur in (("kd", dict(kd=1.0, lm=0.1)), ("ce", dict(kd=0.0, lm=1.0))):
+        torch.manual_seed(0)
+        d = Distiller(teacher, copy.deepcopy(base), dls(), curriculum=cur, lr=2e-4, precision="no", verbose=False,
+                      eval_every=1000)
+        d.fit(25)
+        out[name] = d.evals[-1]["val_lm"]
+    assert out["kd"] < out["ce"], out
