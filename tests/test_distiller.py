@@ -377,3 +377,44 @@ def test_real_teacher_kd_beats_ce_only():
         d.fit(25)
         out[name] = d.evals[-1]["val_lm"]
     assert out["kd"] < out["ce"], out
+
+
+# ---------------------------------------------------------------- two processes (DDP on CPU through Accelerate)
+DDP_SCRIPT = r'''
+import sys, torch
+from accelerate import notebook_launcher
+def train(out, bs, n):
+    import torch
+    from kdlit.distiller import Distiller
+    from kdlit.models import tiny_pair
+    sys.path.insert(0, sys.argv[2]); from test_distiller import ListLoaders, CUR
+    torch.manual_seed(0)
+    teacher, student, tok = tiny_pair(seed=0)
+    d = Distiller(teacher, student, ListLoaders(bs), lr=1.0, max_grad_norm=None, opt_func=lambda ps, lr: torch.optim.SGD(ps, lr=lr),
+                  precision="no", verbose=False, eval_at_start=False, eval_every=100, curriculum=CUR)
+    d.fit(n)
+    if d.accelerator.is_main_process:
+        torch.save(dict(params=d.accelerator.unwrap_model(d.student).state_dict(), history=d.history), out)
+if __name__ == "__main__":
+    out, n = sys.argv[1], int(sys.argv[3])
+    if sys.argv[4] == "2": notebook_launcher(train, (out, 2, n), num_processes=2)
+    else: train(out, 4, n)
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    import os, subprocess, sys
+    script = tmp_path / "ddp.py"; script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    res = {}
+    for nproc in ("1", "2"):
+        out = tmp_path / f"out{nproc}.pt"
+        r = subprocess.run([sys.executable, str(script), str(out), str(pathlib.Path(__file__).parent), "2", nproc],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res[nproc] = torch.load(out)
+    a, b = res["1"], res["2"]
+    assert max(float((a["params"][k] - b["params"][k]).abs().max()) for k in a["params"]) < 1e-5
+    for ra, rb in zip(a["history"], b["history"]):
+        assert ra["tokens"] == rb["tokens"] and math.isclose(ra["loss"], rb["loss"], rel_tol=1e-5)
