@@ -7,13 +7,14 @@ Docs: https://kdlit.github.io/kdlit/kd_loss.html.md"""
 # %% auto #0
 __all__ = ['DIVERGENCES', 'kd_loss', 'lm_loss']
 
-# %% ../nbs/00_kd_loss.ipynb #1c3b2816
-import math
+# %% ../nbs/00_kd_loss.ipynb #9a70493c
+import math, numbers
+from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-# %% ../nbs/00_kd_loss.ipynb #38f21f94
+# %% ../nbs/00_kd_loss.ipynb #0d8c4312
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "soft_ce")
 
 def _wdiff(w, la, lb):
@@ -29,7 +30,7 @@ def _log_mix(la, lb, wa):
     lm = torch.logaddexp(torch.where(both, 0., a), torch.where(both, 0., b))
     return torch.where(both, -math.inf, lm)
 
-# %% ../nbs/00_kd_loss.ipynb #772673cc
+# %% ../nbs/00_kd_loss.ipynb #85093989
 def _divergence_rows(ls, lt, divergence="forward_kl", beta=0.5, skew=0.1):
     "Per-position D(p, q) from log-probabilities `ls` (student q) and `lt` (teacher p): the autograd reference."
     if divergence == "jsd" and beta in (0, 1): divergence = "forward_kl" if beta == 0 else "reverse_kl"  # as TRL
@@ -44,13 +45,13 @@ def _divergence_rows(ls, lt, divergence="forward_kl", beta=0.5, skew=0.1):
         return beta * _wdiff(p, lt, lm).sum(-1) + (1 - beta) * _wdiff(q, ls, lm).sum(-1)
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
 
-# %% ../nbs/00_kd_loss.ipynb #f3c9ba48
+# %% ../nbs/00_kd_loss.ipynb #a1b2df3f
 def _logprobs(x, T):
     "Log-softmax of `x/T` in fp32 (fp64 stays fp64): upcast, subtract the row max, then divide by T."
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     return torch.log_softmax((x - x.amax(-1, keepdim=True).detach()) / T, -1)
 
-# %% ../nbs/00_kd_loss.ipynb #adc04b9d
+# %% ../nbs/00_kd_loss.ipynb #52c84cb8
 def _put(out, g, scale):
     "Write `scale·g` (computed in fp32) into `out`, whatever its dtype."
     if out.dtype == g.dtype: torch.mul(g, scale, out=out)
@@ -115,7 +116,7 @@ def _chunk_skew_reverse_kl(s, t, T, scale=None, out=None, skew=0.1, **kw):
         _put(out, a.sub_(rows[:, None]).sub_(v).mul_(q), scale)
     return rows
 
-# %% ../nbs/00_kd_loss.ipynb #0329c33d
+# %% ../nbs/00_kd_loss.ipynb #92ead702
 def _chunk_forward_kl(s, t, T, scale=None, out=None, scratch=None, **kw):
     "Forward KL on a chunk with ≤3 fp32 temporaries; rows that come out NaN are redone by the exact kernel."
     n, V = s.shape
@@ -145,26 +146,41 @@ _KERNELS = {"forward_kl": _chunk_forward_kl, "reverse_kl": _chunk_reverse_kl, "j
             "skew_forward_kl": _chunk_skew_forward_kl, "skew_reverse_kl": _chunk_skew_reverse_kl,
             "soft_ce": _chunk_soft_ce}
 
-# %% ../nbs/00_kd_loss.ipynb #60122bb6
+# %% ../nbs/00_kd_loss.ipynb #8cb38091
 def _auto_chunk(V):
     "Rows per chunk: about 2**20 entries (4 MiB of fp32) per scratch buffer."
     return max(1, min(4096, (1 << 20) // max(V, 1)))
 
+def _kd_rows(s, t, idx, T, divergence, beta, skew, k, scale, grad, rows, lo, hi):
+    "One worker: fill `rows[lo:hi]` (and the matching gradient rows), k rows at a time."
+    kernel, V, m = _KERNELS[divergence], s.shape[1], min(k, hi - lo)
+    scratch = [torch.empty(m, V, dtype=rows.dtype, device=s.device) for _ in range(3)] if divergence == "forward_kl" else None
+    obuf = torch.empty(m, V, dtype=grad.dtype, device=s.device) if grad is not None and idx is not None else None
+    with torch.no_grad():
+        for i in range(lo, hi, k):
+            j = min(i + k, hi)
+            if idx is None: sc, tc, o = s[i:j], t[i:j], (None if grad is None else grad[i:j])
+            else:
+                r = idx[i:j]
+                sc, tc, o = s.index_select(0, r), t.index_select(0, r), (None if obuf is None else obuf[:j - i])
+            rows[i:j] = kernel(sc, tc, T, scale, o, scratch=scratch, beta=beta, skew=skew)
+            if obuf is not None: grad.index_copy_(0, r, o)
+
 def _kd_sum(s, t, idx, T, divergence, beta, skew, k, scale=None, grad=None):
     "Σ over rows `idx` (all when None) of D, k rows at a time; writes scale·∂D/∂u of those rows into `grad`."
-    kernel, n = _KERNELS[divergence], (s.shape[0] if idx is None else idx.numel())
-    cdt = torch.promote_types(s.dtype, torch.float32)
-    m = min(k, n)
-    scratch = [torch.empty(m, s.shape[1], dtype=cdt, device=s.device) for _ in range(3)] if divergence == "forward_kl" else None
-    obuf = torch.empty(m, s.shape[1], dtype=grad.dtype, device=s.device) if grad is not None and idx is not None else None
-    rows = torch.empty(n, dtype=cdt, device=s.device)
-    for i in range(0, n, k):
-        if idx is None: sc, tc, o = s[i:i + k], t[i:i + k], (None if grad is None else grad[i:i + k])
-        else:
-            r = idx[i:i + k]
-            sc, tc, o = s.index_select(0, r), t.index_select(0, r), (None if obuf is None else obuf[:len(r)])
-        rows[i:i + k] = kernel(sc, tc, T, scale, o, scratch=scratch, beta=beta, skew=skew)
-        if obuf is not None: grad.index_copy_(0, r, o)
+    n = s.shape[0] if idx is None else idx.numel()
+    rows = torch.empty(n, dtype=torch.promote_types(s.dtype, torch.float32), device=s.device)
+    chunks = -(-n // k)
+    workers = min(torch.get_num_threads(), chunks) if s.device.type == "cpu" else 1
+    args = (s, t, idx, T, divergence, beta, skew, k, scale, grad, rows)
+    if workers <= 1: _kd_rows(*args, 0, n)
+    else:   # CPU: one chunk per thread, each op single-threaded: no barrier per small op
+        cuts = [min(n, chunks * w // workers * k) for w in range(workers + 1)]
+        nt = torch.get_num_threads(); torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as ex:
+                list(ex.map(lambda w: _kd_rows(*args, cuts[w], cuts[w + 1]), range(workers)))
+        finally: torch.set_num_threads(nt)
     return rows.sum()
 
 def _new_grad(s, idx, vs):
@@ -201,11 +217,11 @@ class _ChunkedKD(torch.autograd.Function):
             _kd_sum(s[:, :vs], t[:, :vs], idx, T, divergence, beta, skew, k, T / denom * g.item(), grad[:, :vs])
         return grad, None, None, None, None, None, None, None, None, None
 
-# %% ../nbs/00_kd_loss.ipynb #66439330
+# %% ../nbs/00_kd_loss.ipynb #55ab2228
 def _number(name, x, lo=-math.inf, hi=math.inf, lo_open=False):
     "`x` as a float, or a ValueError naming `name` and the value received."
     if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.dtype.is_complex and x.dtype != torch.bool: x = x.item()
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x > hi or x < lo or (lo_open and x == lo):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x > hi or x < lo or (lo_open and x == lo):
         rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
         raise ValueError(f"{name} must be a finite number in {rng}, got {x!r}")
     return float(x)
@@ -234,7 +250,7 @@ def _divisor(num_items, n_valid):
     if d == 0 and n_valid > 0: raise ValueError(f"num_items must be > 0 when there are valid positions ({n_valid}), got {num_items!r}")
     return max(d, 1.)
 
-# %% ../nbs/00_kd_loss.ipynb #0e6876c7
+# %% ../nbs/00_kd_loss.ipynb #88cd7bcc
 def kd_loss(student_logits:torch.Tensor, # student logits `[..., V]`, any float dtype; receives the gradient
             teacher_logits:torch.Tensor, # teacher logits `[..., V']`, same leading dims; never receives gradient
             labels:torch.Tensor|None=None, # integer labels `[...]`; positions equal to `ignore_index` are left out
@@ -286,7 +302,7 @@ def kd_loss(student_logits:torch.Tensor, # student logits `[..., V]`, any float 
         return rows.sum() * (T * T / denom)
     return _ChunkedKD.apply(s, t, idx, T, divergence, beta, skew, vs, denom, chunk_size or _auto_chunk(vs))
 
-# %% ../nbs/00_kd_loss.ipynb #7cdcc0b5
+# %% ../nbs/00_kd_loss.ipynb #3cc98309
 def lm_loss(logits:torch.Tensor, # student logits `[..., V]`
             labels:torch.Tensor, # integer targets `[...]`, already aligned with `logits`
             *,

@@ -58,7 +58,7 @@ def test_distill_writes_every_file(run):
     assert {"loss", "kd", "lm", "T", "lr", "grad_norm", "w_kd", "skipped"} <= set(h[1])
     assert h[0]["val_lm"] is not None and h[8]["val_lm"] is not None
     report = (run / "report.md").read_text()
-    for piece in ("| teacher |", "student before", "plots/perplexity.png", "Health", "config.json"):
+    for piece in ("| teacher |", "student before", "## Evaluations", "plots/perplexity.png", "Health", "config.json"):
         assert piece in report, piece
 
 

@@ -324,3 +324,19 @@ def test_lm_loss_masking_num_items_and_errors():
             lm_loss(s, bad)
     with pytest.raises(ValueError, match="num_items"):
         lm_loss(s, labels, num_items=-1)
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "jsd"])
+def test_cpu_thread_pool_path_matches_and_restores_threads(div):
+    s, t = logits(0, (9, 12)), logits(1, (9, 12))
+    labels = torch.ones(9, dtype=torch.long); labels[[1, 4]] = -100
+    ref, gref = value_and_grad(s, t, labels, temperature=2.0, chunk_size=0, divergence=div)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for ck in (1, 2, 4):
+            loss, g = value_and_grad(s, t, labels, temperature=2.0, chunk_size=ck, divergence=div)
+            torch.testing.assert_close(loss, ref); torch.testing.assert_close(g, gref)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
