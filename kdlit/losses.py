@@ -433,24 +433,28 @@ def _fast_rows(s, t, div, T, beta, skew, bufs, g=None, scale=1.0, pre=None):
 _ORIGINAL = dict(_KERNELS)                                   # fp64 inputs stay with these (fp64 throughout)
 _EXACT = dict(_KERNELS, forward_kl=_chunk_exact_forward_kl)
 
-def _fast_kernel(div):
+def _fast_kernel(div, block=1 << 19):
     "A chunk kernel `(s, t, T, scale, out, scratch, beta, skew) -> rows` for `div`, on `_fast_rows`."
-    def kernel(s, t, T, scale=None, out=None, scratch=None, beta=0.5, skew=0.1, **kw):
-        if torch.float64 in (s.dtype, t.dtype): return _ORIGINAL[div](s, t, T, scale, out, scratch=None, beta=beta, skew=skew)
-        k, V = s.shape
-        if scratch is None or len(scratch) < 4 or scratch[0].shape[0] < k or scratch[0].shape[1] != V:
-            scratch = [torch.empty(k, V, dtype=torch.float32, device=s.device) for _ in range(4)]
+    def one(s, t, T, scale, out, scratch, beta, skew):        # one cache-sized block of rows
         saved = {}
-        def pre(D):                                                # before the write: keep rows to redo
+        def pre(D):                                            # before the write: keep rows to redo
             bad = (~torch.isfinite(D)).nonzero()[:, 0]
             saved["bad"], saved["s"] = bad, (s[bad].clone() if len(bad) else None)
         D = _fast_rows(s, t, div, T, beta, skew, scratch, out, 1.0 if scale is None else scale, pre)
-        if "bad" not in saved: pre(D)
         bad, sb = saved["bad"], saved["s"]
         if len(bad):
-            o = None if out is None else torch.empty(len(bad), V, dtype=out.dtype, device=s.device)
+            o = None if out is None else torch.empty(len(bad), s.shape[1], dtype=out.dtype, device=s.device)
             D[bad] = _EXACT[div](sb, t[bad], T, scale, o, beta=beta, skew=skew).double()
             if out is not None: out[bad] = o
+        return D
+    def kernel(s, t, T, scale=None, out=None, scratch=None, beta=0.5, skew=0.1, **kw):
+        if torch.float64 in (s.dtype, t.dtype): return _ORIGINAL[div](s, t, T, scale, out, scratch=None, beta=beta, skew=skew)
+        k, V = s.shape
+        b = max(1, min(k, block // V))                         # ~2 MiB per buffer: the working set stays in cache
+        if scratch is None or len(scratch) < 4 or scratch[0].shape[0] < b or scratch[0].shape[1] != V:
+            scratch = [torch.empty(b, V, dtype=torch.float32, device=s.device) for _ in range(4)]
+        D = torch.cat([one(s[i:i + b], t[i:i + b], T, scale, None if out is None else out[i:i + b], scratch, beta, skew)
+                       for i in range(0, k, b)])
         return D.to(torch.promote_types(s.dtype, torch.float32))
     kernel.__name__ = kernel.__qualname__ = f"_fast_{div}"
     return kernel
