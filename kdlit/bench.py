@@ -10,14 +10,14 @@ __all__ = ['T_BENCH', 'KD_W', 'LM_W', 'H_BENCH', 'IMPLS', 'OPTIONAL', 'TOLERANCE
            'reference', 'logits_differences', 'differences', 'estimate_bytes', 'measure', 'run_one', 'add_ratios',
            'format_table', 'run_benchmarks', 'main', 'shift_labels', 'step_benchmark']
 
-# %% ../nbs/91_benchmarks.ipynb #9274e987
+# %% ../nbs/91_benchmarks.ipynb #3d94d70d
 import argparse, csv, gc, json, math, os, platform, statistics, subprocess, sys, time
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .losses import kd_loss, lm_loss, fused_kd_loss
 
-# %% ../nbs/91_benchmarks.ipynb #dc732979
+# %% ../nbs/91_benchmarks.ipynb #ae1092ea
 def machine_info() -> dict:
     "Conditions of a benchmark run: threads, THP setting, load average, CPU, memory, versions."
     def read(p, default="n/a"):
@@ -34,7 +34,7 @@ def machine_info() -> dict:
                 mem_available_gib=round(mem.get("MemAvailable", 0) / 2**30, 1),
                 torch=torch.__version__, python=platform.python_version())
 
-# %% ../nbs/91_benchmarks.ipynb #de07f296
+# %% ../nbs/91_benchmarks.ipynb #249afd79
 def _status(key):
     "A value of /proc/self/status in bytes (None off Linux)."
     try:
@@ -57,7 +57,7 @@ def mem_available() -> int|None:
             if l.startswith("MemAvailable:"): return int(l.split()[1]) * 1024
     except OSError: return None
 
-# %% ../nbs/91_benchmarks.ipynb #e59e6b3b
+# %% ../nbs/91_benchmarks.ipynb #66e19c54
 T_BENCH, KD_W, LM_W, H_BENCH = 2.0, 0.5, 0.5, 256
 
 def naive_kd(s, t, labels, T=T_BENCH):
@@ -73,7 +73,7 @@ def naive_fused(h, W, t, labels, T=T_BENCH):
     s = h @ W.t()
     return KD_W * naive_kd(s, t, labels, T) + LM_W * F.cross_entropy(s, labels, ignore_index=-100)
 
-# %% ../nbs/91_benchmarks.ipynb #3d3ef256
+# %% ../nbs/91_benchmarks.ipynb #6ad3ae55
 def _liger_fused():
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss   # optional
     # β = 0 is forward KL; Liger applies T but not T², so T² goes into the soft weight
@@ -100,7 +100,7 @@ IMPLS = {   # name: (kind, teacher form, memory estimate in [N, V] fp32 units be
 }
 OPTIONAL = {"liger_fused": "liger_kernel", "torchtune": "torchtune"}
 
-# %% ../nbs/91_benchmarks.ipynb #cd4def1d
+# %% ../nbs/91_benchmarks.ipynb #0752b4ad
 def make_inputs(N:int, V:int, kind:str="logits", teacher:str="t", H:int=H_BENCH, seed:int=0) -> dict:
     "Benchmark tensors for N tokens and vocab V, reproducible from `seed`."
     g = torch.Generator().manual_seed(seed)
@@ -121,7 +121,7 @@ def make_inputs(N:int, V:int, kind:str="logits", teacher:str="t", H:int=H_BENCH,
             inp["t"] = t
     return inp
 
-# %% ../nbs/91_benchmarks.ipynb #ffa68870
+# %% ../nbs/91_benchmarks.ipynb #b4f8711b
 def _matmuls(inp, k=256, teacher=False):
     "The matmuls of a fused loss alone: logits chunk, dh = G·W, dW += Gᵀ·h (and the teacher's logits)."
     h, W = inp["h"], inp["W"]; N, V = h.shape[0], W.shape[0]
@@ -177,7 +177,7 @@ def get_impl(name:str):
         return hidden_call(lambda h, W, t, y: lg(h, W, t[0], t[1], y))
     raise ValueError(f"impl must be one of {list(IMPLS)}, got {name!r}")
 
-# %% ../nbs/91_benchmarks.ipynb #05c56c54
+# %% ../nbs/91_benchmarks.ipynb #661e182d
 def reference(inp:dict, kind:str, block:int=256):
     "(loss, [grads]) in float64: KD (T² forward KL) for logits; 0.5·KD + 0.5·CE for hidden states."
     y = inp["labels"]; valid = y != -100; n = max(int(valid.sum()), 1); T = T_BENCH
@@ -223,7 +223,7 @@ def differences(loss, grads, ref) -> tuple[float, float]:
     dg = max(float((g.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)) for g, r in zip(grads, rg))
     return dl, dg
 
-# %% ../nbs/91_benchmarks.ipynb #1a8dd762
+# %% ../nbs/91_benchmarks.ipynb #d91553d9
 TOLERANCE = {"kdlit": (1e-6, 1e-5), "other": (1e-4, 1e-3)}   # (loss, gradient) relative differences
 
 def estimate_bytes(name:str, N:int, V:int, H:int=H_BENCH) -> int:
@@ -279,7 +279,7 @@ def measure(name:str, N:int, V:int, repeats:int=3, threads:int|None=None, seed:i
         else: raise
     return row
 
-# %% ../nbs/91_benchmarks.ipynb #f6ce09dd
+# %% ../nbs/91_benchmarks.ipynb #86ef6935
 SIZES = ((2048, 49152), (4096, 50257), (8192, 32000), (2048, 151936))
 DEFAULT_IMPLS = tuple(IMPLS)
 
@@ -305,7 +305,7 @@ def run_one(name:str, N:int, V:int, *, repeats:int=3, threads:int|None=None, tim
     tail = (p.stderr or p.stdout).strip().splitlines()[-1:] if (p.stderr or p.stdout) else []
     return dict(impl=name, N=N, V=V, kind=IMPLS[name][0], status=why, error=" ".join(tail)[:300])
 
-# %% ../nbs/91_benchmarks.ipynb #06405f1f
+# %% ../nbs/91_benchmarks.ipynb #9cc9edf8
 def add_ratios(rows:list[dict]) -> list[dict]:
     "Add time/memory ratios against the naive, compiled and matmul baselines of the same size."
     by = {(r["impl"], r["N"], r["V"]): r for r in rows if r.get("status") == "ok"}
@@ -334,7 +334,7 @@ def format_table(rows:list[dict], info:dict|None=None) -> str:
     for r in rows: out.append(" ".join(f"{fmt(r.get(c)):>{w}}" for c, w in cols))
     return "\n".join(out)
 
-# %% ../nbs/91_benchmarks.ipynb #dbee1d2e
+# %% ../nbs/91_benchmarks.ipynb #9f27b9e0
 def run_benchmarks(sizes=SIZES, # (N, V) pairs
                    impls=DEFAULT_IMPLS, # implementation names (see `IMPLS`); missing optional packages are reported
                    out_dir=None, # folder for bench.csv / bench.json (None: don't write)
@@ -376,7 +376,7 @@ def run_benchmarks(sizes=SIZES, # (N, V) pairs
     if bad: raise AssertionError("numerical differences beyond tolerance:\n" + format_table(bad))
     return rows
 
-# %% ../nbs/91_benchmarks.ipynb #7bae11e4
+# %% ../nbs/91_benchmarks.ipynb #29c9f26d
 def main(*args):
     """`kdlit bench`: run the loss benchmarks and print/write the table; returns the exit status (1: numbers off).
     Takes an argv list (`main(["--sizes", "64x500"])`), the arguments themselves (`main("--sizes", "64x500")`, as
@@ -405,9 +405,9 @@ def main(*args):
     except AssertionError as e: print(e, file=sys.stderr); return 1
     return 0
 
-if __name__ == "__main__": sys.exit(main())
+if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())   # `python -m kdlit.bench` (not in a notebook)
 
-# %% ../nbs/91_benchmarks.ipynb #bbd478cd
+# %% ../nbs/91_benchmarks.ipynb #cf92ef55
 def _base(model):
     "The decoder that returns last hidden states (HF causal LMs expose it as `get_decoder()`)."
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
