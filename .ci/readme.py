@@ -15,7 +15,7 @@ def _txt(x): return ''.join(x) if isinstance(x, list) else x
 def _directives(src):
     return {l[3:].strip().split(':')[0].strip() for l in src.splitlines() if l.startswith('#|')}
 
-def _fix_links(md): return re.sub(r'\]\((?!https?:|/|#)(images/[^)]+)\)', r'](nbs/\1)', md)
+def _fix_links(md): return re.sub(r'\]\((?!https?:|/|#|mailto:)([^)\s]+)\)', r'](nbs/\1)', md)
 
 def _outputs(cell):
     res = []
