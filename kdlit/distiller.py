@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from matplotlib.figure import Figure
 
-from .losses import kd_loss, lm_loss
+from .losses import kd_loss, lm_loss, fused_kd_loss
 from .schedules import TemperatureSchedule, Curriculum, make_schedule
 from .safeguards import StepGuard, LogitRangeMonitor
 from .metrics import perplexity, format_ppl, ppl_band, HealthMonitor
@@ -162,6 +162,26 @@ def _always_zero(sched, n=101) -> bool:
     "Is this weight schedule 0 for every p in [0, 1]?"
     return all(sched(i / (n - 1)) == 0 for i in range(n)) and all(sched(p) == 0 for p in getattr(sched, "knots", lambda: [])())
 
+def _fused_head(model, name) -> nn.Module:
+    "`model`'s output head if `fused=True` can use it (a bias-free `nn.Linear`, no logit soft-capping/scaling, a decoder), else a ValueError."
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    W = getattr(head, "weight", None)
+    if not isinstance(head, nn.Linear) or not isinstance(W, torch.Tensor) or W.ndim != 2:
+        raise ValueError(f"fused=True: the {name} needs get_output_embeddings() returning a linear head with a [V, H] weight, "
+                         f"got {type(head).__name__}")
+    if head.bias is not None: raise ValueError(f"fused=True: the {name}'s output head has a bias (fused_kd_loss needs logits = hidden @ Wᵀ)")
+    cfg = getattr(model, "config", None)
+    for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+        v = getattr(cfg, k, None)
+        if v is not None and v is not False and not (k != "final_logit_softcapping" and v == 1):
+            raise ValueError(f"fused=True: the {name} has config.{k}={v!r}, which the fused loss does not apply; use fused=False")
+    dec = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    if dec is None or dec is model:
+        raise ValueError(f"fused=True: the {name} needs get_decoder() returning its base model (last hidden states), got {type(dec).__name__}")
+    return head
+
+
 # %% ../nbs/07_distiller.ipynb #bfe56c7d
 class Distiller:
     "Distil `teacher` into `student` on `dls` with the curricula, the guards and the callbacks described above."
@@ -176,6 +196,7 @@ class Distiller:
                  curriculum=None, # `Curriculum`, dict of weight specs, or None: kd=1 (lm=0), see `kdlit.schedules`
                  temperature=None, # `TemperatureSchedule`, number or spec; None: linear 2.0 -> 1.5
                  divergence: str = "forward_kl", # `kd_loss` divergence
+                 fused: bool = False, # compute kd + lm from hidden states chunk by chunk with `fused_kd_loss`, never materialising the student's [N, V] logits; needs a plain linear head (no bias / soft-capping), no alignment component needing logits
                  lr: float = 3e-4, # peak learning rate
                  weight_decay: float = 0.0, # AdamW weight decay
                  betas=(0.9, 0.95), # AdamW betas
@@ -252,11 +273,18 @@ class Distiller:
         # models
         self.tokenizer = tokenizer if tokenizer is not None else getattr(dls, "tokenizer", None)
         self.vocab_size = check_pair(teacher, student, self.tokenizer)
+        if not isinstance(fused, bool): raise ValueError(f"fused: expected True or False, got {fused!r}")
+        self.fused, self.fused_loss = fused, None
+        if fused:
+            _fused_head(student, "student")
+            if self.active["kd"]: _fused_head(teacher, "teacher")
         if self.need_attn:
             from kdlit.alignment import ensure_attentions
             ensure_attentions(teacher); ensure_attentions(student)
         self.accelerator = accelerator if accelerator is not None else make_accelerator(precision)
         acc = self.accelerator
+        if fused and acc.num_processes > 1:
+            raise ValueError("fused=True: runs on one process only (the decoder is called past the DDP wrapper); use fused=False")
         self.teacher = teacher.to(acc.device).eval().requires_grad_(False)
         self.student = acc.prepare(student.train())
         self.component_modules = [acc.prepare(c) if any(True for _ in c.parameters()) else c.to(acc.device)
@@ -302,6 +330,7 @@ class Distiller:
 # %% ../nbs/07_distiller.ipynb #a09f74bd
 def _compute_losses(self: Distiller, batch: dict, num_items: int) -> dict:
     "Raw loss components of one micro-batch (tensors), token losses divided by `num_items`."
+    if self.fused: return _fused_losses(self, batch, num_items)
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     kw = dict(output_hidden_states=self.need_hidden, output_attentions=self.need_attn)
     t_out = None
@@ -328,6 +357,39 @@ def _compute_losses(self: Distiller, batch: dict, num_items: int) -> dict:
 
 Distiller.compute_losses = _compute_losses
 
+# %% ../nbs/07_distiller.ipynb #cb80f21c
+def _fused_losses(self: Distiller, batch: dict, num_items: int) -> dict:
+    "`compute_losses` with `fused=True`: raw kd and lm from hidden states; the weighted sum goes to `self.fused_loss`."
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    kw = dict(output_hidden_states=self.need_hidden, output_attentions=self.need_attn)
+    sm = self.accelerator.unwrap_model(self.student)
+    t_out = None
+    if self.need_teacher:
+        with torch.no_grad(): t_out = self.teacher.get_decoder()(input_ids=ids, attention_mask=mask, **kw)
+    s_out = sm.get_decoder()(input_ids=ids, attention_mask=mask, **kw)
+    h, y = next_token(s_out.last_hidden_state, batch["labels"], mask)
+    W = sm.get_output_embeddings().weight
+    self.logits = (None, None)                      # no logits to monitor
+    w, kd_on, losses = self.weights, self.active["kd"], {}
+    if kd_on: teacher = (t_out.last_hidden_state[:, :-1], self.teacher.get_output_embeddings().weight)
+    else: teacher = (h.new_zeros(*h.shape[:-1], 1), W.new_zeros(W.shape[0], 1))   # KD off: a cheap dummy, weight 0
+    kd_w, lm_w = (w.get("kd", 0.0) if kd_on else 0.0), w.get("lm", 0.0)
+    with contextlib.nullcontext() if kd_w != 0 or lm_w != 0 else torch.no_grad():
+        out = fused_kd_loss(h, W, teacher, y, temperature=self.T, divergence=self.divergence, kd_weight=kd_w,
+                            lm_weight=lm_w, num_items=num_items, vocab_size=self.vocab_size if kd_on else None)
+    self.fused_loss = out.loss
+    losses["lm"] = out.lm
+    if kd_on: losses["kd"] = out.kd
+    if self.components:
+        m = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        frac = (y != -100).sum() / num_items
+        for c, cm in zip(self.components, self.component_modules):
+            if not self.active[c.name]: continue
+            with contextlib.nullcontext() if w.get(c.name, 0) != 0 else torch.no_grad():
+                losses[c.name] = cm(s_out, t_out, m) * frac
+    return losses
+
+
 # %% ../nbs/07_distiller.ipynb #fe6f6c21
 def _one_step(self: Distiller):
     "One optimizer step over `grad_accum` micro-batches."
@@ -345,9 +407,12 @@ def _one_step(self: Distiller):
             for m in (self.student, *self.component_modules): sync.enter_context(acc.no_sync(m))
         with sync:
             with acc.autocast():
+                self.fused_loss = None
                 self.losses = self.compute_losses(b, max(self.n_items, 1))
-                self.loss = sum((self.weights[k] * v for k, v in self.losses.items() if self.weights[k] != 0),
-                                torch.zeros((), device=acc.device))
+                fz = self.fused_loss is not None                # fused: kd + lm already weighted in `fused_loss`
+                self.loss = sum((self.weights[k] * v for k, v in self.losses.items()
+                                 if self.weights[k] != 0 and not (fz and k in ("kd", "lm"))),
+                                self.fused_loss if fz else torch.zeros((), device=acc.device))
             self._record_micro()
             self("after_loss")                                 # GuardCB: a non-finite loss sets self.skip
             if self.skip: break
@@ -368,9 +433,9 @@ def _one_step(self: Distiller):
     self("after_step")                                         # history, eval, health, progress, checkpoint
 
 def _record_micro(self: Distiller):
-    "Accumulate the detached losses and largest |logits| of a micro-batch for the log."
+    "Accumulate the detached losses and largest |logits| of a micro-batch for the log (none when fused)."
     for k, v in {**self.losses, "loss": self.loss}.items(): self.sums[k] = self.sums.get(k, 0) + v.detach().float()
-    self.maxes.append([x.detach().abs().amax().float() if x is not None else torch.zeros(()) for x in self.logits])
+    if self.logits != (None, None): self.maxes.append([x.detach().abs().amax().float() if x is not None else torch.zeros(()) for x in self.logits])
 
 Distiller._one_step, Distiller._record_micro = _one_step, _record_micro
 

@@ -422,3 +422,50 @@ def test_two_processes_match_one(tmp_path):
     assert max(float((a["params"][k] - b["params"][k]).abs().max()) for k in a["params"]) < 1e-5
     for ra, rb in zip(a["history"], b["history"]):
         assert ra["tokens"] == rb["tokens"] and math.isclose(ra["loss"], rb["loss"], rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------- fused loss path
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_fused_matches_unfused(accum):
+    runs = [distiller(fused=f, grad_accum=accum, eval_at_start=False).fit(4) for f in (False, True)]
+    for a, b in zip(*(d.history for d in runs)):
+        for k in ("loss", "kd", "lm", "D", "grad_norm"): assert abs(a[k] - b[k]) < 1e-5, (k, a[k], b[k])
+        assert b["max_logit_student"] is None and b["skipped"] == 0
+    assert max_diff(*(params(d) for d in runs)) < 1e-5
+
+
+def test_fused_ce_only_matches_unfused():
+    cur = dict(kd=0.0, lm=1.0)
+    runs = [distiller(fused=f, curriculum=cur, eval_at_start=False).fit(3) for f in (False, True)]
+    for a, b in zip(*(d.history for d in runs)):
+        assert "kd" not in b and abs(a["lm"] - b["lm"]) < 1e-5 and abs(a["loss"] - b["loss"]) < 1e-5
+    assert max_diff(*(params(d) for d in runs)) < 1e-5
+
+
+def test_fused_bad_configs_fail_clearly():
+    teacher, student, dls = setup()
+    student.lm_head = nn.Linear(student.config.hidden_size, student.config.vocab_size, bias=True)
+    with pytest.raises(ValueError, match="bias"): Distiller(teacher, student, dls, precision="no", fused=True)
+    teacher, student, dls = setup()
+    student.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"): Distiller(teacher, student, dls, precision="no", fused=True)
+    teacher, student, dls = setup()
+    student.get_output_embeddings = lambda: None
+    with pytest.raises(ValueError, match="get_output_embeddings"): Distiller(teacher, student, dls, precision="no", fused=True)
+    teacher, student, dls = setup()
+    with pytest.raises(ValueError, match="fused"): Distiller(teacher, student, dls, precision="no", fused="yes")
+
+
+def test_fused_with_component_matches_unfused():
+    class Scale(nn.Module):
+        name, needs_hidden_states, needs_attentions = "feat", True, False
+        def __init__(self): super().__init__(); self.a = nn.Parameter(torch.tensor(0.5))
+        def forward(self, s_out, t_out, mask):
+            return (self.a * s_out.hidden_states[-1][mask].mean() - t_out.hidden_states[-1][mask].mean()) ** 2
+    cur = dict(kd=1.0, lm=0.5, feat=("linear", 1.0, 0.0))
+    runs = [distiller(fused=f, components=[Scale()], curriculum=cur, eval_at_start=False).fit(4) for f in (False, True)]
+    for a, b in zip(*(d.history for d in runs)):
+        for k in ("loss", "kd", "lm", "feat"): assert abs(a[k] - b[k]) < 1e-5, (k, a[k], b[k])
+    assert max_diff(*(params(d) for d in runs)) < 1e-5
+    assert abs(float(runs[0].components[0].a.detach()) - float(runs[1].components[0].a.detach())) < 1e-5
