@@ -15,7 +15,7 @@ import argparse, csv, gc, json, math, os, platform, statistics, subprocess, sys,
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from .losses import kd_loss, lm_loss, fused_kd_loss
+from .losses import kd_loss, lm_loss, fused_kd_loss, pooled_bytes
 
 # %% ../nbs/91_benchmarks.ipynb #ae1092ea
 def machine_info() -> dict:
@@ -250,7 +250,7 @@ def measure(name:str, N:int, V:int, repeats:int=3, threads:int|None=None, seed:i
         copy = getattr(f, "needs_copy", False)
         def call():
             if copy: inp["s_copy"] = inp["s"].clone()
-            gc.collect(); base = rss(); reset_peak()
+            gc.collect(); base = rss() - pooled_bytes(); reset_peak()   # kdlit's idle pooled buffer counts as extra
             t0, c0 = time.perf_counter(), time.process_time()
             out = f(inp)
             t1, c1 = time.perf_counter(), time.process_time()
@@ -335,6 +335,17 @@ def format_table(rows:list[dict], info:dict|None=None) -> str:
     return "\n".join(out)
 
 # %% ../nbs/91_benchmarks.ipynb #9f27b9e0
+def _merge_rounds(rs:list[dict]) -> dict:
+    "One row from the rounds of one measurement: median time, largest memory and differences, the first round's cold call."
+    ok = [r for r in rs if r.get("status") == "ok"]
+    if len(ok) < len(rs) or len(rs) == 1: return next((r for r in rs if r.get("status") != "ok"), rs[0])
+    out = dict(ok[0])
+    out.update(ms=round(statistics.median(r["ms"] for r in ok), 1), cpu_ms=round(statistics.median(r["cpu_ms"] for r in ok), 1),
+               peak_mib=max(r["peak_mib"] for r in ok), ms_rounds=[r["ms"] for r in ok])
+    for k in ("loss_diff", "grad_diff"):
+        if ok[0].get(k) is not None: out[k] = max(r[k] for r in ok)
+    return out
+
 def run_benchmarks(sizes=SIZES, # (N, V) pairs
                    impls=DEFAULT_IMPLS, # implementation names (see `IMPLS`); missing optional packages are reported
                    out_dir=None, # folder for bench.csv / bench.json (None: don't write)
@@ -343,8 +354,11 @@ def run_benchmarks(sizes=SIZES, # (N, V) pairs
                    verbose:bool=True, # print each row as it comes and the table at the end
                    env:dict|None=None, # extra environment for the children (e.g. THP_MEM_ALLOC_ENABLE=1)
                    resume:bool=False, # keep the `ok` rows of an earlier run in `out_dir`; measure only the rest
+                   rounds:int=1, # measure every size this many times, implementations interleaved; median of rounds
                   ) -> list[dict]:
-    """Run the benchmark suite, one fresh process per (implementation, size); raise if any numbers are off.
+    """Run the benchmark suite, one fresh process per (implementation, size, round); raise if any numbers are off.
+    With `rounds` > 1 the implementations of a size are measured in turn, round after round, so that a machine whose
+    speed drifts (shared cores) slows all of them alike; each row reports the median over rounds (`ms_rounds`).
 
     >>> rows = run_benchmarks([(32, 100)], ["kdlit"], repeats=1, threads=1, verbose=False)
     >>> rows[0]["status"], rows[0]["grad_diff"] < 1e-5
@@ -359,10 +373,15 @@ def run_benchmarks(sizes=SIZES, # (N, V) pairs
         info["earlier_run"] = prev["machine"]
     rows = []
     for N, V in sizes:
-        for name in impls:
-            r = old.get((name, N, V)) or run_one(name, N, V, repeats=repeats, threads=threads, env=env)
-            rows.append(r)
-            if verbose: print(f"{name:>14} N={N} V={V}: {r.get('ms', '-')} ms, {r.get('peak_mib', '-')} MiB, {r['status']}", flush=True)
+        got = {name: [old[name, N, V]] for name in impls if (name, N, V) in old}
+        for rd in range(rounds):
+            for name in impls:
+                if (name, N, V) in old or (got.get(name) and got[name][0].get("status") != "ok"): continue
+                r = run_one(name, N, V, repeats=repeats, threads=threads, env=env)
+                got.setdefault(name, []).append(r)
+                if verbose: print(f"{name:>14} N={N} V={V} round {rd + 1}/{rounds}: {r.get('ms', '-')} ms, "
+                                  f"{r.get('peak_mib', '-')} MiB, {r['status']}", flush=True)
+        rows += [_merge_rounds(got[name]) for name in impls if name in got]
     add_ratios(rows)
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     if out_dir is not None:
@@ -387,6 +406,7 @@ def main(*args):
     p.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated, from: {', '.join(IMPLS)}")
     p.add_argument("--out-dir", default=None, help="write bench.csv and bench.json here")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="measure each size this many times, implementations interleaved")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--thp", action="store_true", help="children allocate with THP (THP_MEM_ALLOC_ENABLE=1)")
     p.add_argument("--resume", action="store_true", help="keep the ok rows of an earlier run in --out-dir")
@@ -400,8 +420,9 @@ def main(*args):
     impls = [s for s in a.impls.split(",") if s]
     unknown = [s for s in impls if s not in IMPLS]
     if unknown: p.error(f"unknown --impls {unknown}; choose from {list(IMPLS)}")
+    if a.rounds < 1 or a.repeats < 1: p.error(f"--rounds and --repeats must be >= 1, got {a.rounds} and {a.repeats}")
     try: run_benchmarks(sizes, impls, a.out_dir, a.repeats, a.threads, env={"THP_MEM_ALLOC_ENABLE": "1"} if a.thp else None,
-                        resume=a.resume)
+                        resume=a.resume, rounds=a.rounds)
     except AssertionError as e: print(e, file=sys.stderr); return 1
     return 0
 

@@ -340,3 +340,39 @@ def test_cpu_thread_pool_path_matches_and_restores_threads(div):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(old)
+
+
+def test_gradient_buffer_is_reused_only_once_free():
+    "A pooled gradient buffer comes back only when no tensor uses it: a kept gradient is never overwritten."
+    from kdlit import losses
+    s, t = logits(0, (1024, 8192), 3.0, torch.float32), logits(1, (1024, 8192), 3.0, torch.float32)   # 32 MiB: pooled
+    losses.release_buffers()
+    a = s.clone().requires_grad_(); kd_loss(a, t, temperature=2.0).backward()
+    kept, p1 = a.grad, a.grad.data_ptr()
+    expected = kept.clone()
+    b = s.clone().requires_grad_(); kd_loss(b, t, temperature=3.0).backward()
+    assert b.grad.data_ptr() != p1                       # the first gradient is alive: a new buffer
+    assert torch.equal(kept, expected)                   # and it was not touched
+    del a, kept
+    c = s.clone().requires_grad_(); kd_loss(c, t, temperature=2.0).backward()
+    assert c.grad.data_ptr() == p1                       # freed: handed out again
+    assert torch.equal(c.grad, expected)                 # with the right values written over the old ones
+    del b, c
+    assert losses.pooled_bytes() >= 2 * 1024 * 8192 * 4
+    losses.release_buffers()
+    assert losses.pooled_bytes() == 0
+    losses.REUSE_BUFFERS = False
+    try:
+        d = s.clone().requires_grad_(); kd_loss(d, t).backward(); del d
+        assert losses.pooled_bytes() == 0 and not losses._POOL
+    finally: losses.REUSE_BUFFERS = True
+
+
+def test_inplace_writes_the_gradient_during_the_call():
+    s, t = logits(0, (2, 7, 50), 3.0), logits(1, (2, 7, 50), 3.0)
+    w0 = s.clone().requires_grad_(); w = w0 * 1
+    loss = kd_loss(w, t, temperature=2.0, inplace_backward=True)
+    ref = s.clone().requires_grad_(); kd_loss(ref, t, temperature=2.0, chunk_size=0).backward()
+    torch.testing.assert_close(w.detach(), ref.grad)     # already the gradient, before backward
+    (2 * loss).backward()
+    torch.testing.assert_close(w0.grad, 2 * ref.grad)
