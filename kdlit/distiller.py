@@ -107,17 +107,32 @@ def _precision(precision):
         raise ValueError(f"precision: expected one of {PRECISIONS} (or None: as configured by `accelerate launch`), got {precision!r}")
     return p
 
+_SCALER_KEYS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled")
+
 def make_accelerator(precision=None, # "no", "fp16", "bf16", or None: from `accelerate launch` / the environment
+                     *,
+                     grad_scaler: dict | None = None, # fp16 `GradScaler` settings, e.g. `dict(init_scale=2.0**8)`
                      **kwargs, # more `Accelerator` arguments
                     ) -> Accelerator:
-    "An `Accelerator` for `precision`; fp16 on CPU uses torch's CPU autocast and `GradScaler('cpu')`."
+    """An `Accelerator` for `precision`; fp16 on CPU uses torch's CPU autocast and `GradScaler('cpu')`.
+    `grad_scaler` reaches the scaler on every device (as Accelerate's `GradScalerKwargs`, which Accelerate itself
+    does not apply on CPU)."""
+    from accelerate.utils import GradScalerKwargs
     p = _precision(precision)
+    if grad_scaler is not None:
+        if not isinstance(grad_scaler, Mapping) or any(k not in _SCALER_KEYS for k in grad_scaler):
+            raise ValueError(f"grad_scaler: expected a dict with keys from {_SCALER_KEYS}, got {grad_scaler!r}")
+        s0 = grad_scaler.get("init_scale", 1.0)
+        if isinstance(s0, bool) or not isinstance(s0, (int, float)) or not s0 > 0:
+            raise ValueError(f"grad_scaler: init_scale must be a number > 0, got {s0!r}")
+        kwargs["kwargs_handlers"] = list(kwargs.get("kwargs_handlers") or []) + [GradScalerKwargs(**grad_scaler)]
     cur = AcceleratorState._shared_state.get("_mixed_precision")
     if p is not None and cur is not None and cur != p and PartialState().num_processes == 1:
         AcceleratorState._reset_state()   # one process: a new precision needs a fresh global state
     acc = Accelerator(mixed_precision=p, **kwargs)
     if acc.mixed_precision == "fp16" and acc.scaler is None and acc.device.type == "cpu":
-        acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu")
+        h = next((h for h in kwargs.get("kwargs_handlers") or () if isinstance(h, GradScalerKwargs)), None)
+        acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", **(h.to_kwargs() if h is not None else {}))
     return acc
 
 # %% ../nbs/07_distiller.ipynb #565c0fc6
@@ -221,6 +236,7 @@ class Distiller:
                  verbose: bool = True, # print log lines, evaluations and the closing summary
                  cbs: Sequence[Callback] = (), # more callbacks
                  accelerator: Accelerator | None = None, # an `Accelerator` to use instead of `make_accelerator(precision)`
+                 grad_scaler: dict | None = None, # fp16 GradScaler settings, e.g. `dict(init_scale=2.0**8)` (see `make_accelerator`)
                 ):
         for nm, m in (("teacher", teacher), ("student", student)):
             if not isinstance(m, nn.Module): raise ValueError(f"{nm}: expected a torch nn.Module (a causal LM), got {type(m).__name__}")
@@ -281,7 +297,9 @@ class Distiller:
         if self.need_attn:
             from kdlit.alignment import ensure_attentions
             ensure_attentions(teacher); ensure_attentions(student)
-        self.accelerator = accelerator if accelerator is not None else make_accelerator(precision)
+        if accelerator is not None and grad_scaler is not None:
+            raise ValueError("grad_scaler: pass it to make_accelerator for your own accelerator, not beside accelerator=")
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(precision, grad_scaler=grad_scaler)
         acc = self.accelerator
         if fused and acc.num_processes > 1:
             raise ValueError("fused=True: runs on one process only (the decoder is called past the DDP wrapper); use fused=False")
@@ -605,7 +623,8 @@ class ProgressCB(Callback):
         show = learn.progress if learn.progress is not None else _in_notebook()
         if show and learn.accelerator.is_main_process:
             from fastprogress.fastprogress import master_bar, progress_bar
-            self.mb = master_bar(range(1), names=["train loss", "valid LM loss"])
+            self.graph = _in_notebook()     # the live plot is a notebook's; a terminal gets fastprogress's text bar
+            self.mb = master_bar(range(1), **(dict(names=["train loss", "valid LM loss"]) if self.graph else {}))
             self.pb = progress_bar(range(learn.n_steps - learn.step), parent=self.mb)
             self.mb.on_iter_begin(); self.pb.update(0)
     def after_step(self, learn):
@@ -614,7 +633,7 @@ class ProgressCB(Callback):
             self.pb.comment = f"loss {r['loss']:.4f}"
             self.pb.update(k)
             every = self.plot_every or max(1, (learn.n_steps - self.s0) // 50)
-            if k % every == 0 or learn.step == learn.n_steps:
+            if self.graph and (k % every == 0 or learn.step == learn.n_steps):
                 h = [x for x in learn.history if math.isfinite(x["loss"])]
                 ev = [x for x in learn.evals]
                 self.mb.update_graph([[[x["step"] for x in h], [x["loss"] for x in h]],

@@ -573,7 +573,7 @@ def _fast_kernel(div, block=1 << 19):
 # %% ../nbs/00_kd_loss.ipynb #431ba8ef
 _KERNELS.update({d: _fast_kernel(d) for d in DIVERGENCES})
 
-# %% ../nbs/00_kd_loss.ipynb #c9881c9f
+# %% ../nbs/00_kd_loss.ipynb #b9760e10
 def _lean_kl(div):
     "The block kernel of forward KL (or soft CE): row sums Z_a, Z_b, X into `stats`, scale·(q − p) into `g`."
     def block(s, t, g, T, scale, bufs, cols, stats, check):

@@ -469,3 +469,24 @@ def test_fused_with_component_matches_unfused():
         for k in ("loss", "kd", "lm", "feat"): assert abs(a[k] - b[k]) < 1e-5, (k, a[k], b[k])
     assert max_diff(*(params(d) for d in runs)) < 1e-5
     assert abs(float(runs[0].components[0].a.detach()) - float(runs[1].components[0].a.detach())) < 1e-5
+
+
+def test_progress_bar_in_a_terminal(capsys):
+    "progress=True outside a notebook: fastprogress's console bar, no live plot, and the fit completes."
+    d = distiller(progress=True)
+    d.fit(3)
+    assert d.step == 3
+    out = capsys.readouterr()
+    assert "3/3" in out.out + out.err
+
+
+def test_grad_scaler_settings_reach_the_cpu_scaler():
+    d = distiller(precision="fp16", grad_scaler=dict(init_scale=2.0**8, growth_interval=50))
+    assert d.accelerator.scaler is not None and d.accelerator.scaler.get_scale() == 256.0
+    assert d.accelerator.scaler._growth_interval == 50
+    d.fit(2)
+    assert math.isfinite(d.history[-1]["loss"])
+    with pytest.raises(ValueError, match="grad_scaler"): distiller(precision="fp16", grad_scaler=dict(scale=3))
+    with pytest.raises(ValueError, match="init_scale"): distiller(precision="fp16", grad_scaler=dict(init_scale=0))
+    with pytest.raises(ValueError, match="grad_scaler"):
+        distiller(precision="fp16", grad_scaler=dict(init_scale=8.0), accelerator=make_accelerator("fp16"))
