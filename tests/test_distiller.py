@@ -369,10 +369,10 @@ def test_real_teacher_kd_beats_ce_only():
     teacher, tok = default_teacher()
     base = make_student(teacher, n_layers=10)
     out, t_eval = {}, None
-    for name, cur in (("kd", dict(kd=1.0, lm=0.1)), ("ce", dict(kd=0.0, lm=1.0))):
+    for name, cur, T in (("kd", dict(kd=0.5, lm=0.5), 1.0), ("ce", dict(kd=0.0, lm=1.0), 1.0)):   # the balanced recipe
         torch.manual_seed(0)
         dls = make_loaders(tok, block_size=32, batch_size=4, n_valid=8, seed=0)
-        d = Distiller(teacher, copy.deepcopy(base), dls, curriculum=cur, lr=2e-4, precision="no", verbose=False,
+        d = Distiller(teacher, copy.deepcopy(base), dls, curriculum=cur, temperature=T, lr=2e-4, precision="no", verbose=False,
                       eval_at_start=False, eval_every=1000)
         d.teacher_eval = t_eval
         d.fit(STEPS_REAL)
