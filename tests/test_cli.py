@@ -108,8 +108,9 @@ def test_interrupt_keeps_checkpoint_and_resumes(assets, tmp_path):
     from kdlit.distiller import find_checkpoint
     out = tmp_path / "i"
     p = subprocess.Popen([sys.executable, "-m", "kdlit.cli", *map(str, tiny_args(assets, out, 100000, "--ckpt-interval", 2))],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 300
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as in a foreground terminal:
+    deadline = time.time() + 300      # a background job (`cmd &` without job control) inherits SIGINT ignored
     while not (out / "checkpoint/latest").exists() and time.time() < deadline and p.poll() is None: time.sleep(0.2)
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)
