@@ -218,11 +218,10 @@ def _pieces(n, idx, b):
 class _Workspace:
     "Scratch buffers per worker thread and the thread pool of `_kd_sum`, kept across calls (`fused_kd_loss` makes one per call)."
     def __init__(self): self.bufs, self.ex, self.workers = {}, None, 0
-    def buf(self, w, name, shape, dtype, device, fill=None):
+    def buf(self, w, name, shape, dtype, device):
         x = self.bufs.get((w, name))
         if x is None or x.shape != shape or x.dtype != dtype or x.device != device:
-            x = self.bufs[w, name] = torch.empty(shape, dtype=dtype, device=device) if fill is None else \
-                torch.full(shape, fill, dtype=dtype, device=device)
+            x = self.bufs[w, name] = torch.empty(shape, dtype=dtype, device=device)
         return x
     def map(self, f, workers):
         if self.ex is None or self.workers != workers:
@@ -260,8 +259,7 @@ def _kd_sum(s, t, idx, T, divergence, beta, skew, k, scale=None, grad=None, ce=N
         if ce is not None:
             S, y, lms = ce
             E, rz = B("E", (b, S.shape[1])), B("rz", (b, 1))
-            neg = ws.buf(w, "neg", (b, 1), S.dtype, dev, fill=-lms)
-            if lms and neg[0, 0].item() != -lms: neg.fill_(-lms)
+            neg = torch.full((b, 1), -lms, dtype=S.dtype, device=dev)   # the one-hot part of the CE gradient
         with torch.no_grad():
             for p, r, m in pieces[lo:hi]:
                 ii = None if r is None else slice(r, r + m)          # teacher rows
@@ -611,14 +609,6 @@ _LEAN.update(forward_kl=_lean_kl("forward_kl"), soft_ce=_lean_kl("soft_ce"))
 # %% ../nbs/00_kd_loss.ipynb #8ba114c2
 FusedKDOutput = namedtuple("FusedKDOutput", "loss kd lm")
 FusedKDOutput.__doc__ = "`fused_kd_loss`'s result: `loss` (differentiable) = kd_weight·`kd` + lm_weight·`lm` (detached, for logs)."
-
-def _ce_rows(S, y, buf, scale):
-    "Cross-entropy (float64 [k]) of logits `S` [k, V] against `y`; writes scale·softmax(S) into `buf`."
-    m = _shift2(S, _LOG2E, buf)
-    Sy = S.gather(1, y[:, None])[:, 0].double()
-    torch.exp2(buf, out=buf); Z = buf.sum(-1).double()
-    buf.mul_(_col(scale / Z))
-    return m + _LN2 * Z.log2() - Sy
 
 def _mm(a, b, out):
     "out = a @ b, computed in the operands' dtype."
