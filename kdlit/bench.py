@@ -15,7 +15,7 @@ import argparse, csv, gc, json, math, os, platform, statistics, subprocess, sys,
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from .losses import kd_loss, lm_loss, fused_kd_loss, pooled_bytes
+from .losses import kd_loss, lm_loss, fused_kd_loss, pooled_bytes, FUSED_CHUNK
 
 # %% ../nbs/91_benchmarks.ipynb #ae1092ea
 def machine_info() -> dict:
@@ -122,8 +122,8 @@ def make_inputs(N:int, V:int, kind:str="logits", teacher:str="t", H:int=H_BENCH,
     return inp
 
 # %% ../nbs/91_benchmarks.ipynb #b4f8711b
-def _matmuls(inp, k=256, teacher=False):
-    "The matmuls of a fused loss alone: logits chunk, dh = G·W, dW += Gᵀ·h (and the teacher's logits)."
+def _matmuls(inp, k=FUSED_CHUNK, teacher=False):
+    "The matmuls of a fused loss alone, in `fused_kd_loss`'s default blocks: logits, dh = G·W, dW += Gᵀ·h (and the teacher's logits)."
     h, W = inp["h"], inp["W"]; N, V = h.shape[0], W.shape[0]
     S, gh, gW = torch.empty(min(k, N), V), torch.empty_like(h), torch.zeros_like(W)
     Tb = torch.empty(min(k, N), V) if teacher else None

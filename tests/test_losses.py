@@ -368,6 +368,23 @@ def test_gradient_buffer_is_reused_only_once_free():
     finally: losses.REUSE_BUFFERS = True
 
 
+def test_reused_buffer_has_masked_rows_and_extra_columns_zeroed():
+    "A pooled buffer holds the last call's gradient: rows left out by the labels and columns past vocab_size are zeroed."
+    from kdlit import losses
+    s, t = logits(0, (1024, 8192), 3.0, torch.float32), logits(1, (1024, 8192), 3.0, torch.float32)
+    losses.release_buffers()
+    a = s.clone().requires_grad_(); kd_loss(a, t, temperature=2.0).backward()
+    p1 = a.grad.data_ptr(); del a                          # a full, non-zero gradient left in the pooled buffer
+    labels = torch.randint(0, 8192, (1024,)); labels[100:300] = -100; labels[torch.randperm(1024)[:50]] = -100
+    b = s.clone().requires_grad_(); kd_loss(b, t, labels, temperature=2.0, vocab_size=8000).backward()
+    assert b.grad.data_ptr() == p1                         # the same memory, handed out again
+    left_out = labels == -100
+    assert torch.count_nonzero(b.grad[left_out]) == 0 and torch.count_nonzero(b.grad[:, 8000:]) == 0
+    ref = s.clone().requires_grad_(); kd_loss(ref, t, labels, temperature=2.0, vocab_size=8000, chunk_size=0).backward()
+    torch.testing.assert_close(b.grad, ref.grad, rtol=1e-5, atol=1e-9)
+    del b; losses.release_buffers()
+
+
 def test_inplace_writes_the_gradient_during_the_call():
     s, t = logits(0, (2, 7, 50), 3.0), logits(1, (2, 7, 50), 3.0)
     w0 = s.clone().requires_grad_(); w = w0 * 1
