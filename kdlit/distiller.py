@@ -196,6 +196,12 @@ def _fused_head(model, name) -> nn.Module:
         raise ValueError(f"fused=True: the {name} needs get_decoder() returning its base model (last hidden states), got {type(dec).__name__}")
     return head
 
+def _fused_applies(student, teacher, kd) -> bool:
+    "Can `fused=None` use the fused path for these models (the student's head, and the teacher's when KD is on)?"
+    try: _fused_head(student, "student"); kd and _fused_head(teacher, "teacher")
+    except ValueError: return False
+    return True
+
 
 # %% ../nbs/07_distiller.ipynb #bfe56c7d
 class Distiller:
@@ -211,7 +217,7 @@ class Distiller:
                  curriculum=None, # `Curriculum`, dict of weight specs, or None: kd=1 (lm=0), see `kdlit.schedules`
                  temperature=None, # `TemperatureSchedule`, number or spec; None: linear 2.0 -> 1.5
                  divergence: str = "forward_kl", # `kd_loss` divergence
-                 fused: bool = False, # compute kd + lm from hidden states chunk by chunk with `fused_kd_loss`, never materialising the student's [N, V] logits; needs a plain linear head (no bias / soft-capping), no alignment component needing logits
+                 fused: bool | None = None, # kd + lm from hidden states block by block with `fused_kd_loss`, never materialising the student's [N, V] logits (needs plain linear heads: no bias / soft-capping; one process); None: on wherever it applies, except fp16 (whose logit watch needs the logits); False: off
                  lr: float = 3e-4, # peak learning rate
                  weight_decay: float = 0.0, # AdamW weight decay
                  betas=(0.9, 0.95), # AdamW betas
@@ -289,8 +295,8 @@ class Distiller:
         # models
         self.tokenizer = tokenizer if tokenizer is not None else getattr(dls, "tokenizer", None)
         self.vocab_size = check_pair(teacher, student, self.tokenizer)
-        if not isinstance(fused, bool): raise ValueError(f"fused: expected True or False, got {fused!r}")
-        self.fused, self.fused_loss = fused, None
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"fused: expected True, False or None (on where it applies), got {fused!r}")
         if fused:
             _fused_head(student, "student")
             if self.active["kd"]: _fused_head(teacher, "teacher")
@@ -303,6 +309,8 @@ class Distiller:
         acc = self.accelerator
         if fused and acc.num_processes > 1:
             raise ValueError("fused=True: runs on one process only (the decoder is called past the DDP wrapper); use fused=False")
+        if fused is None: fused = acc.num_processes == 1 and acc.mixed_precision != "fp16" and _fused_applies(student, teacher, self.active["kd"])
+        self.fused, self.fused_loss = fused, None
         self.teacher = teacher.to(acc.device).eval().requires_grad_(False)
         self.student = acc.prepare(student.train())
         self.component_modules = [acc.prepare(c) if any(True for _ in c.parameters()) else c.to(acc.device)

@@ -250,7 +250,7 @@ class Snapshot(Callback):
 def test_injected_nan_logits_are_skipped(prec):
     if prec == "fp16" and not _cpu_autocast_ok(torch.float16): pytest.skip("no CPU fp16 autocast")
     snap = Snapshot([4])
-    d = distiller(precision=prec, cbs=[At("before_step", [4], _nan_logits), At("after_step", [5], _unhook), snap])
+    d = distiller(precision=prec, fused=False, cbs=[At("before_step", [4], _nan_logits), At("after_step", [5], _unhook), snap])
     d.fit(10)
     assert d.history[4]["skipped"] == 1 and sum(r["skipped"] for r in d.history) == 1
     (p0, o0), (p1, o1) = snap.before[4], snap.after[4]
@@ -258,6 +258,23 @@ def test_injected_nan_logits_are_skipped(prec):
     assert d.guard.n_skipped == 1 and d.guard.anomalies[0].step == 4
     assert math.isfinite(d.history[-1]["loss"]) and d.history[-1]["lr"] > 0
     assert d.monitor.counts["nonfinite"] >= 1
+
+
+def _nan_hidden(learn):
+    dec = learn.accelerator.unwrap_model(learn.student).get_decoder()
+    learn._hook = dec.register_forward_hook(
+        lambda m, i, out: (setattr(out, "last_hidden_state", out.last_hidden_state * float("nan")), out)[1])
+
+
+def test_injected_nan_hidden_states_are_skipped_on_the_fused_path():
+    snap = Snapshot([4])
+    d = distiller(cbs=[At("before_step", [4], _nan_hidden), At("after_step", [5], _unhook), snap])
+    assert d.fused
+    d.fit(8)
+    assert d.history[4]["skipped"] == 1 and sum(r["skipped"] for r in d.history) == 1
+    (p0, o0), (p1, o1) = snap.before[4], snap.after[4]
+    assert max_diff(p0, p1) == 0 and o0 == o1                 # weights and optimizer state untouched
+    assert math.isfinite(d.history[-1]["loss"])
 
 
 def test_injected_inf_gradient_is_skipped():
@@ -273,8 +290,9 @@ def test_injected_inf_gradient_is_skipped():
     assert [a.component for a in d.guard.anomalies] == ["grad_norm"]
 
 
-def test_consecutive_faults_raise_training_diverged():
-    d = distiller(cbs=[At("before_step", [2], _nan_logits)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_consecutive_faults_raise_training_diverged(fused):
+    d = distiller(fused=fused, cbs=[At("before_step", [2], _nan_hidden if fused else _nan_logits)])
     with pytest.raises(TrainingDiverged): d.fit(20)
     assert d.guard.n_skipped == d.guard.max_consecutive
 
@@ -325,7 +343,7 @@ def test_precision_switch_in_one_process():
 
 # ---------------------------------------------------------------- outputs
 def test_history_rows_and_csv(tmp_path):
-    d = distiller(eval_every=4, warmup=2, temperature=("linear", 2.0, 1.0)).fit(9)
+    d = distiller(eval_every=4, warmup=2, temperature=("linear", 2.0, 1.0), fused=False).fit(9)   # logits path: logit watch
     h = d.history
     keys = {"step", "p", "loss", "kd", "kd_weighted", "w_kd", "lm", "lm_weighted", "w_lm", "D", "T", "T2", "lr",
             "grad_norm", "max_logit_student", "max_logit_teacher", "skipped", "tokens", "step_time"}
@@ -455,6 +473,23 @@ def test_fused_bad_configs_fail_clearly():
     with pytest.raises(ValueError, match="get_output_embeddings"): Distiller(teacher, student, dls, precision="no", fused=True)
     teacher, student, dls = setup()
     with pytest.raises(ValueError, match="fused"): Distiller(teacher, student, dls, precision="no", fused="yes")
+
+
+def test_fused_is_the_default_where_it_applies():
+    d = distiller()
+    assert d.fused is True                                  # plain linear heads, one process, fp32
+    d.fit(2)
+    assert d.history[-1]["max_logit_student"] is None and math.isfinite(d.history[-1]["loss"])
+    assert distiller(fused=False).fused is False            # the switch
+    teacher, student, dls = setup()
+    student.lm_head = nn.Linear(student.config.hidden_size, student.config.vocab_size, bias=True)
+    assert Distiller(teacher, student, dls, precision="no", verbose=False).fused is False   # a biased head: logits path
+    teacher, student, dls = setup()
+    teacher.config.final_logit_softcapping = 30.0           # the teacher's logits are soft-capped: logits path
+    assert Distiller(teacher, student, dls, precision="no", verbose=False).fused is False
+    assert Distiller(teacher, student, dls, precision="no", verbose=False, curriculum=dict(kd=0.0, lm=1.0)).fused is True
+    if _cpu_autocast_ok(torch.float16):                     # fp16 keeps the logits for its largest-|logit| watch
+        assert distiller(precision="fp16").fused is False
 
 
 def test_fused_with_component_matches_unfused():
