@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from fastcore.script import call_parse, anno_parser, CliError
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'PRECISIONS', 'DEVICES', 'NOT_SAVED', 'PLOTS', 'COMMANDS', 'temperature_spec', 'make_temperature',
+__all__ = ['DEFAULTS', 'PRECISIONS', 'FUSED', 'DEVICES', 'NOT_SAVED', 'PLOTS', 'COMMANDS', 'temperature_spec', 'make_temperature',
            'curriculum_spec', 'load_config', 'resolve_config', 'RunDir', 'write_history', 'read_history', 'column',
            'gap_closed', 'plot_losses', 'plot_perplexity', 'plot_schedule', 'plot_run', 'headline_table',
            'summary_lines', 'render_report', 'checkpoint_dir', 'check_inputs', 'command', 'parser', 'resolve_run',
@@ -28,12 +28,13 @@ DEFAULTS = dict(
     n_layers=None,         # None: a third of the teacher's layers
     data=None,             # None: the embedded corpus (Python's reference docs)
     dataset=None, dataset_config=None, split="train", text_column="text", max_tokens=None,
-    steps=200, batch_size=4, seq_len=128, grad_accum=1, lr=3e-4, precision="no",
+    steps=200, batch_size=4, seq_len=128, grad_accum=1, lr=3e-4, precision="no", fused="auto",
     temperature="2.0:1.5", curriculum=None,
     eval_interval=50, eval_batches=None, ckpt_interval=50, log_interval=25, valid_frac=0.05,
     out="runs/distill", resume=None, overwrite=False, seed=0, device=None,
 )
 PRECISIONS = ("no", "fp16", "bf16")
+FUSED = ("auto", "on", "off")       # Distiller(fused=None / True / False)
 DEVICES = ("cpu", "cuda", "mps")
 NOT_SAVED = ("resume", "overwrite")  # options of one invocation, not of the run: left out of config.json
 
@@ -143,6 +144,11 @@ def _as_precision(v, k):
     if v not in PRECISIONS: raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {v!r}")
     return v
 
+def _as_fused(v, k):
+    if isinstance(v, bool): return "on" if v else "off"
+    if isinstance(v, str) and v.lower() in FUSED: return v.lower()
+    raise ValueError(f"fused: expected one of {', '.join(FUSED)}, got {v!r}")
+
 _CHECKS = dict(
     teacher=_as_str, gguf_file=_as_str, student=_as_str, layers=lambda v, k: _as_layers(v),
     n_layers=lambda v, k: _as_int(v, k, none=True), data=lambda v, k: _as_paths(v), dataset=_as_str,
@@ -152,6 +158,7 @@ _CHECKS = dict(
     curriculum=lambda v, k: curriculum_spec(v), eval_interval=_as_int, eval_batches=lambda v, k: _as_int(v, k, none=True),
     ckpt_interval=_as_int, log_interval=_as_int, valid_frac=_as_float, out=lambda v, k: _as_str(v, k, False),
     resume=_as_str, overwrite=_as_bool, seed=lambda v, k: _as_int(v, k, 0), device=_as_str, precision=_as_precision,
+    fused=_as_fused,
 )
 assert set(_CHECKS) == set(DEFAULTS)
 
@@ -672,6 +679,7 @@ def _distill(config, flags:dict) -> dict:
         acc = make_accelerator(cfg["precision"], cpu=True) if cfg["device"] == "cpu" else None
         d = Distiller(teacher, student, dls, tokenizer=tok, components=comps, curriculum=cfg["curriculum"],
                       temperature=cfg["temperature"], lr=cfg["lr"], grad_accum=cfg["grad_accum"], precision=cfg["precision"],
+                      fused=dict(auto=None, on=True, off=False)[cfg["fused"]],
                       eval_every=cfg["eval_interval"], eval_batches=cfg["eval_batches"], ckpt_dir=rd.checkpoint,
                       ckpt_every=cfg["ckpt_interval"], log_every=cfg["log_interval"], curriculum_every=cfg["log_interval"],
                       progress=False if tty else None, cbs=terminal_progress() if tty else (), accelerator=acc)
@@ -712,6 +720,7 @@ def distill(
     grad_accum:int=None, # micro-batches per optimizer step
     lr:float=None, # peak learning rate (warm-up, then cosine decay)
     precision:Annotated[str, {"choices": PRECISIONS}]=None, # mixed precision: fp16 (T4, V100), bf16 (Ampere and newer, recent CPUs) or no
+    fused:Annotated[str, {"choices": FUSED}]=None, # KD + CE from hidden states block by block (fused_kd_loss): auto (one process, not fp16), on or off
     temperature:str=None, # temperature schedule: '2.0:1.5' (linear), 'cosine:4:1', 'constant:3', or a JSON spec
     curriculum:str=None, # loss weights: JSON/YAML dict of component -> schedule, a .json/.yaml file, or 'seed' (default: KD only)
     eval_interval:int=None, # evaluate the student every N steps (and at the end)

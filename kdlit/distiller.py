@@ -198,7 +198,9 @@ def _fused_head(model, name) -> nn.Module:
 
 def _fused_applies(student, teacher, kd) -> bool:
     "Can `fused=None` use the fused path for these models (the student's head, and the teacher's when KD is on)?"
-    try: _fused_head(student, "student"); kd and _fused_head(teacher, "teacher")
+    try:
+        _fused_head(student, "student")
+        if kd: _fused_head(teacher, "teacher")
     except ValueError: return False
     return True
 

@@ -608,8 +608,8 @@ _LEAN.update(forward_kl=_lean_kl("forward_kl"), soft_ce=_lean_kl("soft_ce"))
 
 # %% ../nbs/00_kd_loss.ipynb #8ba114c2
 FusedKDOutput = namedtuple("FusedKDOutput", "loss kd lm")
-FUSED_CHUNK = 512           # fused_kd_loss's default rows per block (see "Block size" below)
 FusedKDOutput.__doc__ = "`fused_kd_loss`'s result: `loss` (differentiable) = kd_weight·`kd` + lm_weight·`lm` (detached, for logs)."
+FUSED_CHUNK = 512           # fused_kd_loss's default rows per block (see "Block size" below)
 
 def _mm(a, b, out):
     "out = a @ b, computed in the operands' dtype."

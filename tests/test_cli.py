@@ -90,6 +90,18 @@ def test_config_file_and_flags(assets, tmp_path):
     assert history(tmp_path / "o")[-1]["step"] == 4
 
 
+def test_fused_option(run, assets, tmp_path):
+    "--fused auto (the default) runs the fused loss on one CPU process; `fused: off` in a config file (YAML false) turns it off."
+    assert json.loads((run / "config.json").read_text())["fused"] == "auto"
+    assert all(r["max_logit_student"] is None for r in history(run)[1:])     # fused: no logits to watch
+    (tmp_path / "c.yaml").write_text(f"teacher: {assets / 'teacher'}\ndata: {assets / 'corpus.txt'}\nsteps: 2\n"
+                                     "batch_size: 2\nseq_len: 32\nfused: off\n")
+    r = kdlit("distill", "--config", tmp_path / "c.yaml", "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o/config.json").read_text())["fused"] == "off"
+    assert all(r["max_logit_student"] > 0 for r in history(tmp_path / "o")[1:])   # the logits path logs them
+
+
 def test_resume_continues(assets, tmp_path):
     out = tmp_path / "r"
     assert kdlit(*tiny_args(assets, out, 6)).returncode == 0
@@ -145,7 +157,7 @@ def _one_line_failure(r, out=None):
 
 
 @pytest.mark.parametrize("case", ["bad_value", "unknown_flag", "bad_choice", "missing_teacher", "missing_data",
-                                  "empty_data_dir", "config_unknown_key", "bad_temperature", "bad_resume"])
+                                  "empty_data_dir", "config_unknown_key", "bad_temperature", "bad_resume", "bad_fused"])
 def test_errors_fail_fast_with_one_line(case, assets, tmp_path):
     out = tmp_path / "o"
     (tmp_path / "typo.yaml").write_text("steps: 5\nlearnig_rate: 0.1\n")
@@ -154,13 +166,14 @@ def test_errors_fail_fast_with_one_line(case, assets, tmp_path):
         bad_value=["--steps", "ten"], unknown_flag=["--stepz", "5"], bad_choice=["--precision", "fp8"],
         missing_teacher=["--teacher", tmp_path / "no-teacher"], missing_data=["--data", tmp_path / "missing.txt"],
         empty_data_dir=["--data", tmp_path / "empty"], config_unknown_key=["--config", tmp_path / "typo.yaml"],
-        bad_temperature=["--temperature", "hot"], bad_resume=["--resume", tmp_path / "no-ckpt"])[case]
+        bad_temperature=["--temperature", "hot"], bad_resume=["--resume", tmp_path / "no-ckpt"],
+        bad_fused=["--fused", "maybe"])[case]
     base = ["distill", "--out", out] + ([] if case == "missing_teacher" else ["--teacher", assets / "teacher"])
     t = time.time()
     line = _one_line_failure(kdlit(*base, *args), out)
     want = dict(bad_value="--steps", unknown_flag="--stepz", bad_choice="precision", missing_teacher="teacher",
                 missing_data="data", empty_data_dir="data", config_unknown_key="learnig_rate", bad_temperature="temperature",
-                bad_resume="resume")[case]
+                bad_resume="resume", bad_fused="fused")[case]
     assert want in line and line.startswith("kdlit distill: error:"), line
 
 
