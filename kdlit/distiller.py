@@ -196,13 +196,10 @@ def _fused_head(model, name) -> nn.Module:
         raise ValueError(f"fused=True: the {name} needs get_decoder() returning its base model (last hidden states), got {type(dec).__name__}")
     return head
 
-def _fused_applies(student, teacher, kd) -> bool:
-    "Can `fused=None` use the fused path for these models (the student's head, and the teacher's when KD is on)?"
-    try:
-        _fused_head(student, "student")
-        if kd: _fused_head(teacher, "teacher")
-    except ValueError: return False
-    return True
+def _fused_heads(student, teacher, kd):
+    "A ValueError unless the fused path can use these models: the student's head, and the teacher's when KD is on."
+    _fused_head(student, "student")
+    if kd: _fused_head(teacher, "teacher")
 
 
 # %% ../nbs/07_distiller.ipynb #bfe56c7d
@@ -299,9 +296,7 @@ class Distiller:
         self.vocab_size = check_pair(teacher, student, self.tokenizer)
         if fused is not None and not isinstance(fused, bool):
             raise ValueError(f"fused: expected True, False or None (on where it applies), got {fused!r}")
-        if fused:
-            _fused_head(student, "student")
-            if self.active["kd"]: _fused_head(teacher, "teacher")
+        if fused: _fused_heads(student, teacher, self.active["kd"])
         if self.need_attn:
             from kdlit.alignment import ensure_attentions
             ensure_attentions(teacher); ensure_attentions(student)
@@ -311,7 +306,9 @@ class Distiller:
         acc = self.accelerator
         if fused and acc.num_processes > 1:
             raise ValueError("fused=True: runs on one process only (the decoder is called past the DDP wrapper); use fused=False")
-        if fused is None: fused = acc.num_processes == 1 and acc.mixed_precision != "fp16" and _fused_applies(student, teacher, self.active["kd"])
+        if fused is None:                                      # on wherever it applies (see "Fused" below)
+            try: _fused_heads(student, teacher, self.active["kd"]); fused = acc.num_processes == 1 and acc.mixed_precision != "fp16"
+            except ValueError: fused = False
         self.fused, self.fused_loss = fused, None
         self.teacher = teacher.to(acc.device).eval().requires_grad_(False)
         self.student = acc.prepare(student.train())
