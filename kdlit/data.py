@@ -14,8 +14,9 @@ from fastcore.basics import store_attr
 from fastprogress.fastprogress import progress_bar
 
 # %% auto #0
-__all__ = ['DEFAULT_PATTERNS', 'default_corpus', 'load_texts', 'byte_tokenizer', 'tokenize_texts', 'pack_blocks', 'BlockDataset',
-           'ResumableSampler', 'DataLoaders', 'resolve_max_positions', 'make_loaders']
+__all__ = ['DEFAULT_PATTERNS', 'STDLIB_DOC_MODULES', 'default_corpus', 'load_texts', 'stdlib_docstrings', 'byte_tokenizer',
+           'tokenize_texts', 'pack_blocks', 'BlockDataset', 'ResumableSampler', 'DataLoaders', 'resolve_max_positions',
+           'make_loaders']
 
 # %% ../nbs/05_data.ipynb #4a094e19
 def default_corpus() -> list[str]:
@@ -100,6 +101,33 @@ def load_texts(source=None, # None (default corpus), path to a file or directory
     texts = [t for t in texts if t.strip()]
     if not texts: raise ValueError("source: the corpus is empty (no non-blank text found)")
     return texts
+
+# %% ../nbs/05_data.ipynb #5d69cb1c
+STDLIB_DOC_MODULES = ("argparse", "ast", "base64", "bisect", "calendar", "collections", "configparser", "contextlib",
+    "copy", "csv", "dataclasses", "difflib", "email.message", "enum", "fractions", "functools", "gettext", "glob",
+    "gzip", "heapq", "hmac", "html", "http.client", "inspect", "ipaddress", "json", "logging", "mailbox", "mimetypes",
+    "numbers", "optparse", "pathlib", "pickle", "pprint", "queue", "random", "sched", "secrets", "selectors", "shlex",
+    "shutil", "smtplib", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading",
+    "timeit", "tokenize", "traceback", "typing", "unittest.case", "urllib.parse", "uuid", "warnings", "zipfile")
+
+def stdlib_docstrings(modules=STDLIB_DOC_MODULES, # standard-library module names, read in this order
+                      min_chars: int = 200, # leave out docstrings shorter than this
+                     ) -> list[str]:
+    """Docstrings of standard-library modules and their public classes and functions: out-of-domain text.
+
+    >>> docs = stdlib_docstrings(("textwrap",))
+    >>> len(docs) > 3, docs[0].startswith("Text wrapping")
+    (True, True)
+    """
+    import importlib, inspect
+    docs = []
+    for name in modules:
+        try: mod = importlib.import_module(name)
+        except ImportError: continue                  # a CPython built without it (e.g. no _ssl)
+        objs = [mod] + [o for k, o in sorted(vars(mod).items()) if not k.startswith("_")
+                        and (inspect.isclass(o) or inspect.isfunction(o)) and getattr(o, "__module__", None) == mod.__name__]
+        docs += [d for d in (inspect.getdoc(o) for o in objs) if d and len(d) >= min_chars]
+    return docs
 
 # %% ../nbs/05_data.ipynb #00edb906
 def _bytes_to_unicode() -> dict[int, str]:
