@@ -116,7 +116,7 @@ def stdlib_docstrings(modules=STDLIB_DOC_MODULES, # standard-library module name
     """Docstrings of standard-library modules and their public classes and functions: out-of-domain text.
 
     >>> docs = stdlib_docstrings(("textwrap",))
-    >>> len(docs) > 3, docs[0].startswith("Text wrapping")
+    >>> len(docs) > 3, docs[0].startswith("Object for wrapping")
     (True, True)
     """
     import importlib, inspect
