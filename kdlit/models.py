@@ -165,7 +165,7 @@ def describe_pair(teacher: nn.Module, student: nn.Module, **kw) -> PairInfo:
     return PairInfo(count_params(teacher), count_params(student), teacher.config.num_hidden_layers,
                     student.config.num_hidden_layers, **kw)
 
-# %% ../nbs/06_models.ipynb #b4fd2069
+# %% ../nbs/06_models.ipynb #f44ca826
 def uniform_layers(n_teacher: int, # teacher depth
                    n: int, # layers to keep
                   ) -> list[int]:
@@ -234,7 +234,7 @@ def _fresh(teacher: nn.Module, overrides: dict, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         return type(teacher)(cfg)
 
-# %% ../nbs/06_models.ipynb #0299b46a
+# %% ../nbs/06_models.ipynb #9ae25686
 class CalibBatch(NamedTuple):
     input_ids: torch.Tensor # [b, t] token ids
     attention_mask: torch.Tensor|None # [b, t], 1 on valid tokens; None: all valid
@@ -270,7 +270,7 @@ def _run(model: nn.Module, b: CalibBatch):
     dev = next(model.parameters()).device
     return model(input_ids=b.input_ids.to(dev), attention_mask=None if b.attention_mask is None else b.attention_mask.to(dev), use_cache=False)
 
-# %% ../nbs/06_models.ipynb #67405a96
+# %% ../nbs/06_models.ipynb #a5376678
 @torch.no_grad()
 def block_influence(model: nn.Module, # a Hugging Face causal LM
                     batches: list[CalibBatch], # from `calib_batches`
@@ -293,7 +293,7 @@ def block_influence(model: nn.Module, # a Hugging Face causal LM
         for h in hooks: h.remove()
     return (tot / n).float()
 
-# %% ../nbs/06_models.ipynb #02e2416a
+# %% ../nbs/06_models.ipynb #72963dc1
 @contextmanager
 def only_layers(model: nn.Module, # a Hugging Face causal LM
                 keep: list[int], # indices of the decoder layers to run, in order
@@ -308,7 +308,7 @@ def only_layers(model: nn.Module, # a Hugging Face causal LM
         _set(model, path, full); cfg.num_hidden_layers = n
         if types is not None: cfg.layer_types = types
 
-# %% ../nbs/06_models.ipynb #4c1528ea
+# %% ../nbs/06_models.ipynb #c1ea6668
 def _kd_sum(model: nn.Module, b: CalibBatch, t_logits: torch.Tensor) -> float:
     "KL(teacher ‖ model) at T = 1 summed over the valid tokens of `b`."
     m = _mask(b)
@@ -337,7 +337,7 @@ def greedy_removal(model: nn.Module, # a Hugging Face causal LM (layers swapped 
         kept.remove(j); order.append(j); kls.append(trial[j])
     return GreedyPath(order, kls)
 
-# %% ../nbs/06_models.ipynb #0fce9212
+# %% ../nbs/06_models.ipynb #12564991
 SELECTIONS = ("uniform", "block_influence", "greedy")
 
 @dataclass
@@ -375,7 +375,7 @@ def layer_importance(model: nn.Module, # a Hugging Face causal LM (the teacher)
         scores[path.order] = torch.arange(len(path.order), dtype=torch.float)
     return LayerImportance(method, scores, n_tok, time.perf_counter() - t0, path)
 
-# %% ../nbs/06_models.ipynb #b2b16bbb
+# %% ../nbs/06_models.ipynb #fc1feb1e
 def _mlps(model: nn.Module, arg: str = "model") -> list[nn.Module]:
     _, layers = _layer_list(model, arg)
     mlps = [getattr(l, "mlp", None) for l in layers]
@@ -404,7 +404,7 @@ def mlp_importance(model: nn.Module, # a Hugging Face causal LM with Llama-style
         for h in hooks: h.remove()
     return (tot / n).float() * torch.stack([m.down_proj.weight.float().norm(dim=0).cpu() for m in mlps])
 
-# %% ../nbs/06_models.ipynb #b6c8de14
+# %% ../nbs/06_models.ipynb #ce77e1fd
 def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
     "A new Linear keeping the outputs (dim=0) or inputs (dim=1) `idx` of `lin`."
     w = lin.weight.index_select(dim, idx.to(lin.weight.device))
@@ -434,22 +434,26 @@ def prune_mlp(model: nn.Module, # a Hugging Face causal LM with Llama-style MLPs
     model.config.intermediate_size = intermediate_size
     return model
 
-# %% ../nbs/06_models.ipynb #9347e78c
+# %% ../nbs/06_models.ipynb #af4c07d9
 def _choose_layers(teacher, layers, n_layers, select, calib, progress) -> tuple[list[int], LayerImportance|None]:
     "The teacher layers to keep, and the measurement that chose them (None for given or uniform layers)."
     n_teacher = len(_layer_list(teacher)[1])
-    if select not in SELECTIONS: raise ValueError(f"select: expected one of {list(SELECTIONS)}, got {select!r}")
+    if not isinstance(select, LayerImportance) and select not in SELECTIONS:
+        raise ValueError(f"select: expected one of {list(SELECTIONS)} or a LayerImportance, got {select!r}")
     if layers is not None:
         if select != "uniform": raise ValueError(f"select={select!r} chooses the layers; give n_layers=N with it, not layers=[...]")
         return _check_layers(layers, n_teacher), None
     uni = uniform_layers(n_teacher, n_layers)  # also checks n_layers before any measurement
+    if isinstance(select, LayerImportance):  # measured once, reused for several depths
+        if len(select.scores) != n_teacher: raise ValueError(f"select: a LayerImportance of {len(select.scores)} layers for a teacher of {n_teacher}")
+        return select.top(n_layers), select
     if select == "uniform": return uni, None
     if calib is None: raise ValueError(f"calib: select={select!r} measures the teacher's layers on calibration text; pass calib= "
                                        "(token ids of training text, e.g. dls.train_blocks[:8])")
     imp = layer_importance(teacher, calib, select, keep=n_layers, progress=progress)
     return imp.top(n_layers), imp
 
-# %% ../nbs/06_models.ipynb #35c4b614
+# %% ../nbs/06_models.ipynb #3b961b7b
 def _fresh_student(teacher, config_overrides, n_layers, seed) -> nn.Module:
     ov = dict(config_overrides)
     if n_layers is not None and ov.setdefault("num_hidden_layers", n_layers) != n_layers:
@@ -470,7 +474,7 @@ def make_student(teacher: nn.Module, # a Hugging Face causal LM (e.g. from `load
                  *,
                  layers: list[int]|None = None, # teacher layer indices to keep, in order
                  n_layers: int|None = None, # keep this many layers, chosen by `select` (or the depth of a fresh model)
-                 select: str = "uniform", # "uniform" (evenly spread), "block_influence" or "greedy" (measured on `calib`)
+                 select = "uniform", # "uniform" (evenly spread), "block_influence" or "greedy" (measured on `calib`), or a `LayerImportance`
                  calib = None, # calibration token ids of *training* text, as for `calib_batches` (measured choices)
                  intermediate_size: int|None = None, # prune every MLP to this width by activation importance on `calib`
                  config_overrides: dict|None = None, # fresh random model: config fields to change (vocab stays)
@@ -495,7 +499,7 @@ def make_student(teacher: nn.Module, # a Hugging Face causal LM (e.g. from `load
     student, t0 = _copy_layers(teacher, layers), time.perf_counter()
     if intermediate_size is not None: prune_mlp(student, intermediate_size, calib)
     n_tok = imp.n_tokens if imp else sum(int(_mask(b).sum()) for b in calib_batches(calib)) if intermediate_size else 0
-    return _finish(teacher, student, dtype, kind="layers", layers=layers, select=select if n_layers else "",
+    return _finish(teacher, student, dtype, kind="layers", layers=layers, select=(imp.method if imp else select) if n_layers else "",
                    intermediate_size=intermediate_size, calib_tokens=n_tok,
                    calib_seconds=(imp.seconds if imp else 0.) + (time.perf_counter() - t0 if intermediate_size else 0.))
 

@@ -342,6 +342,18 @@ def test_greedy_leaves_the_teacher_as_it_was():
     with torch.no_grad(): torch.testing.assert_close(t(x).logits, before)
 
 
+def test_a_measurement_serves_several_depths():
+    t, x = tiny_llama(layers=6, seed=6), ids(2, 12)
+    for method in ("block_influence", "greedy"):
+        imp = km.layer_importance(t, x, method, keep=2, progress=False)
+        for k in (2, 3, 5):
+            s = make_student(t, n_layers=k, select=imp)
+            assert s.kdlit_info.layers == make_student(t, n_layers=k, select=method, calib=x, progress=False).kdlit_info.layers
+            assert (s.kdlit_info.select, s.kdlit_info.calib_tokens) == (method, 24)
+    with pytest.raises(ValueError, match="stopped at 2 layers"): make_student(t, n_layers=1, select=imp)
+    with pytest.raises(ValueError, match="LayerImportance of 6 layers for a teacher of 4"): make_student(tiny_llama(), n_layers=2, select=imp)
+
+
 class _NoLayers(torch.nn.Module):
     def __init__(self):
         super().__init__(); self.config = LlamaConfig(num_hidden_layers=3); self.body = torch.nn.Sequential(torch.nn.Linear(2, 2))
@@ -350,7 +362,7 @@ class _NoLayers(torch.nn.Module):
 @pytest.mark.parametrize("kw, msg", [
     (dict(n_layers=5, select="greedy", calib=ids(2, 8)), "n_layers: expected an int in 1..4 (the teacher's depth), got 5"),
     (dict(n_layers=5, select="block_influence", calib=ids(2, 8)), "n_layers: expected an int in 1..4"),
-    (dict(n_layers=2, select="shortgpt"), "select: expected one of ['uniform', 'block_influence', 'greedy'], got 'shortgpt'"),
+    (dict(n_layers=2, select="shortgpt"), "select: expected one of ['uniform', 'block_influence', 'greedy'] or a LayerImportance, got 'shortgpt'"),
     (dict(n_layers=2, select="greedy"), "calib: select='greedy' measures"),
     (dict(n_layers=2, select="block_influence", calib=torch.arange(50)), "calib: expected at least one block of 128 tokens, got 50"),
     (dict(n_layers=2, select="greedy", calib=ids(2, 1)), "calib: expected at least one block"),
