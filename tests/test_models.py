@@ -511,3 +511,15 @@ def test_real_student_from_teacher_layers(smol):
     blocks = dls.valid_blocks[:4]
     assert ppl(s.eval(), blocks) > ppl(teacher, blocks)
     with pytest.raises(ValueError, match="0..29"): make_student(teacher, layers=[0, 30])
+
+
+@pytest.mark.slow
+def test_real_measured_selection_beats_uniform_before_training(smol):
+    teacher, tok = smol
+    dls = make_loaders(tok, block_size=128, batch_size=4, valid_frac=0.05, seed=0, max_positions=teacher)
+    imp = km.layer_importance(teacher, dls.train_blocks[:2])  # block influence: one pass over 256 training tokens
+    assert imp.n_tokens == 256 and imp.seconds < 120 and imp.scores.argmax() == 0
+    uniform, measured = make_student(teacher, n_layers=15), make_student(teacher, n_layers=15, select=imp)
+    assert measured.kdlit_info.layers[:2] == [0, 1] and measured.config.kdlit_student["select"] == "block_influence"
+    blocks = dls.valid_blocks[:4]
+    assert ppl(measured.eval(), blocks) < ppl(uniform.eval(), blocks) / 10
