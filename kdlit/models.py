@@ -1,4 +1,4 @@
-"""Loading teachers (hub id, local directory, GGUF), building students from teacher layers or fresh configs, and checking that a pair can be distilled
+"""Loading teachers (hub id, local directory, GGUF), building students from teacher layers (evenly spread or chosen by measurement, MLPs optionally pruned) or fresh configs, and checking that a pair can be distilled
 
 Docs: https://kdlit.github.io/kdlit/models.html.md"""
 
