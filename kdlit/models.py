@@ -244,14 +244,17 @@ def _as_batch(b) -> CalibBatch:
     ids = torch.as_tensor(ids)
     return CalibBatch(ids[None] if ids.ndim == 1 else ids, mask)
 
-def calib_batches(calib, # token ids: tensor [n, seq] of blocks, 1-d stream of ids, or a list of batches (tensors or dicts)
+def calib_batches(calib, # token ids: tensor [n, seq] of blocks, 1-d stream of ids, or an iterable of batches (tensors or dicts)
                   *,
                   block_size: int = 128, # tokens per block when `calib` is a 1-d stream
                   batch_size: int = 4, # blocks per forward pass when `calib` is one tensor
                  ) -> list[CalibBatch]:
     "Calibration text as a list of `(input_ids, attention_mask)` batches; ValueError if it holds less than one block."
     if calib is None: raise ValueError("calib: expected calibration token ids (e.g. dls.train_blocks[:8]), got None")
-    if isinstance(calib, (list, tuple)) and calib and not isinstance(calib[0], int): batches = [_as_batch(b) for b in calib]
+    if isinstance(calib, Mapping): calib = [calib]
+    stream = isinstance(calib, torch.Tensor) or isinstance(calib, (list, tuple)) and bool(calib) and isinstance(calib[0], int)
+    if not stream and not hasattr(calib, "__iter__"): raise ValueError(f"calib: expected token ids or batches, got {type(calib).__name__}")
+    if not stream: batches = [_as_batch(b) for b in calib]  # e.g. a list of batches, or a DataLoader (all of it)
     else:
         x = torch.as_tensor(calib)
         if x.ndim == 1:

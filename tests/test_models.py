@@ -225,10 +225,19 @@ def test_calib_batches_forms():
     (torch.zeros(3, 1, dtype=torch.long), "at least one block"),
     ([], "at least one block"),
     (torch.zeros(2, 2, 2, dtype=torch.long), "shape (2, 2, 2)"),
+    (7, "calib: expected token ids or batches, got int"),
 ])
 def test_calib_batches_errors(calib, msg):
     with pytest.raises(ValueError) as e: km.calib_batches(calib)
     assert msg in str(e.value)
+
+
+def test_calib_from_a_training_loader():
+    tp = tiny_pair()
+    dls = make_loaders(tp.tokenizer, ["some training text " * 40], block_size=32, batch_size=2, n_valid=1)
+    bs = km.calib_batches(dls.train)
+    assert sum(b.input_ids.shape[0] for b in bs) == dls.n_train and bs[0].attention_mask.shape == (2, 32)
+    assert make_student(tp.teacher, n_layers=2, select="block_influence", calib=dls.train).kdlit_info.calib_tokens == dls.n_train * 32
 
 
 def test_block_influence_equals_direct_computation():
