@@ -1,4 +1,4 @@
-"""Loading teachers (hub id, local directory, GGUF), building students from teacher layers or fresh configs, and checking that a pair can be distilled
+"""Loading teachers (hub id, local directory, GGUF), building students from teacher layers (evenly spread or chosen by measurement, MLPs optionally pruned) or fresh configs, and checking that a pair can be distilled
 
 Docs: https://kdlit.github.io/kdlit/models.html.md"""
 
@@ -6,19 +6,25 @@ Docs: https://kdlit.github.io/kdlit/models.html.md"""
 
 # %% ../nbs/06_models.ipynb #17941f5d
 from __future__ import annotations
-import copy, importlib.util, logging, os, pathlib
+import copy, importlib.util, logging, os, pathlib, time
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 import torch
+import torch.nn.functional as F
 from torch import nn
+from fastprogress.fastprogress import progress_bar
 from .data import byte_tokenizer
+from .losses import kd_loss
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'HUB_ID', 'count_params', 'resolve_dtype', 'freeze', 'load_teacher', 'default_teacher_source',
-           'default_teacher', 'PairInfo', 'describe_pair', 'uniform_layers', 'make_student', 'check_pair', 'TinyPair',
-           'tiny_pair']
+__all__ = ['logger', 'HUB_ID', 'SELECTIONS', 'count_params', 'resolve_dtype', 'freeze', 'load_teacher', 'default_teacher_source',
+           'default_teacher', 'PairInfo', 'describe_pair', 'uniform_layers', 'CalibBatch', 'calib_batches',
+           'block_influence', 'only_layers', 'GreedyPath', 'greedy_removal', 'LayerImportance', 'layer_importance',
+           'mlp_importance', 'prune_mlp', 'make_student', 'check_pair', 'TinyPair', 'tiny_pair']
 
 # %% ../nbs/06_models.ipynb #bd1bed1c
 def count_params(model: nn.Module, # any torch module
@@ -128,19 +134,29 @@ def default_teacher(**kwargs, # passed to `load_teacher` (dtype, device, ...)
 # %% ../nbs/06_models.ipynb #af2150f0
 @dataclass
 class PairInfo:
-    "Sizes of a teacher/student pair."
+    "Sizes of a teacher/student pair, and how the student was chosen."
     teacher_params: int
     student_params: int
     teacher_layers: int
     student_layers: int
     kind: str = "" # "layers" (teacher-layer subset), "fresh" (new config) or ""
     layers: list|None = None # teacher layer indices the student was built from
+    select: str = "" # how the layers were chosen: "uniform", "block_influence", "greedy" or "" (given / fresh)
+    intermediate_size: int|None = None # MLP width after pruning (None: the teacher's)
+    calib_tokens: int = 0 # calibration tokens the choice was measured on
+    calib_seconds: float = 0. # time the measurements took
     @property
     def ratio(self) -> float: return self.student_params / self.teacher_params
+    def record(self) -> dict:
+        "The choice as a JSON-able dict (what `make_student` stores in `student.config.kdlit_student`)."
+        return dict(teacher_layers=self.teacher_layers, layers=self.layers, select=self.select,
+                    intermediate_size=self.intermediate_size, calib_tokens=self.calib_tokens)
     def __str__(self):
-        src = f", teacher layers {self.layers}" if self.layers is not None else (", fresh init" if self.kind == "fresh" else "")
+        how = f" by {self.select}" if self.select not in ("", "uniform") else ""
+        src = f", teacher layers {self.layers}{how}" if self.layers is not None else (", fresh init" if self.kind == "fresh" else "")
+        width = f", MLP width {self.intermediate_size}" if self.intermediate_size is not None else ""
         return (f"teacher {_human(self.teacher_params)} params ({self.teacher_layers} layers) -> student "
-                f"{_human(self.student_params)} params ({self.student_layers} layers{src}), {self.ratio:.1%} of the teacher")
+                f"{_human(self.student_params)} params ({self.student_layers} layers{src}{width}), {self.ratio:.1%} of the teacher")
 
 def _human(n: int) -> str: return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
@@ -149,6 +165,7 @@ def describe_pair(teacher: nn.Module, student: nn.Module, **kw) -> PairInfo:
     return PairInfo(count_params(teacher), count_params(student), teacher.config.num_hidden_layers,
                     student.config.num_hidden_layers, **kw)
 
+# %% ../nbs/06_models.ipynb #f44ca826
 def uniform_layers(n_teacher: int, # teacher depth
                    n: int, # layers to keep
                   ) -> list[int]:
@@ -164,12 +181,14 @@ def uniform_layers(n_teacher: int, # teacher depth
     return [0] if n == 1 else [round(i * (n_teacher - 1) / (n - 1)) for i in range(n)]
 
 # %% ../nbs/06_models.ipynb #8da4a6c5
-def _layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def _layer_list(model: nn.Module, arg: str = "teacher") -> tuple[str, nn.ModuleList]:
     "Dotted path and ModuleList of the decoder layers (the first ModuleList of `config.num_hidden_layers` modules)."
-    n = model.config.num_hidden_layers
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) == n: return name, m
-    raise ValueError(f"could not find the decoder layers of {type(model).__name__} (an nn.ModuleList of {n} modules)")
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if isinstance(n, int):
+        for name, m in model.named_modules():
+            if isinstance(m, nn.ModuleList) and len(m) == n: return name, m
+    raise ValueError(f"{arg}: the layers of {type(model).__name__} cannot be selected: expected a Hugging Face model with "
+                     f"config.num_hidden_layers (got {n!r}) and an nn.ModuleList of that many decoder layers")
 
 def _set(model: nn.Module, path: str, value: nn.Module):
     parent, _, attr = path.rpartition(".")
@@ -215,36 +234,277 @@ def _fresh(teacher: nn.Module, overrides: dict, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         return type(teacher)(cfg)
 
+# %% ../nbs/06_models.ipynb #9ae25686
+class CalibBatch(NamedTuple):
+    input_ids: torch.Tensor # [b, t] token ids
+    attention_mask: torch.Tensor|None # [b, t], 1 on valid tokens; None: all valid
+
+def _as_batch(b) -> CalibBatch:
+    ids, mask = (b["input_ids"], b.get("attention_mask")) if isinstance(b, Mapping) else (b, None)
+    ids = torch.as_tensor(ids)
+    return CalibBatch(ids[None] if ids.ndim == 1 else ids, mask)
+
+def calib_batches(calib, # token ids: tensor [n, seq] of blocks, 1-d stream of ids, or an iterable of batches (tensors or dicts)
+                  *,
+                  block_size: int = 128, # tokens per block when `calib` is a 1-d stream
+                  batch_size: int = 4, # blocks per forward pass when `calib` is one tensor
+                 ) -> list[CalibBatch]:
+    "Calibration text as a list of `(input_ids, attention_mask)` batches; ValueError if it holds less than one block."
+    if calib is None: raise ValueError("calib: expected calibration token ids (e.g. dls.train_blocks[:8]), got None")
+    if isinstance(calib, Mapping): calib = [calib]
+    stream = isinstance(calib, torch.Tensor) or isinstance(calib, (list, tuple)) and bool(calib) and isinstance(calib[0], int)
+    if not stream and not hasattr(calib, "__iter__"): raise ValueError(f"calib: expected token ids or batches, got {type(calib).__name__}")
+    if not stream: batches = [_as_batch(b) for b in calib]  # e.g. a list of batches, or a DataLoader (all of it)
+    else:
+        x = torch.as_tensor(calib)
+        if x.ndim == 1:
+            if len(x) < block_size: raise ValueError(f"calib: expected at least one block of {block_size} tokens, got {len(x)} tokens")
+            x = x[:len(x) // block_size * block_size].view(-1, block_size)
+        if x.ndim != 2: raise ValueError(f"calib: expected token ids [n, seq] or a 1-d stream, got a tensor of shape {tuple(x.shape)}")
+        batches = [CalibBatch(b, None) for b in x.split(batch_size)]
+    if not batches or min(b.input_ids.shape[-1] for b in batches) < 2 or not all(b.input_ids.numel() for b in batches):
+        raise ValueError(f"calib: expected at least one block of 2 or more tokens, got shapes {[tuple(b.input_ids.shape) for b in batches]}")
+    return batches
+
+def _mask(b: CalibBatch) -> torch.Tensor:
+    return torch.ones_like(b.input_ids, dtype=torch.bool) if b.attention_mask is None else b.attention_mask.bool()
+
+def _run(model: nn.Module, b: CalibBatch):
+    dev = next(model.parameters()).device
+    return model(input_ids=b.input_ids.to(dev), attention_mask=None if b.attention_mask is None else b.attention_mask.to(dev), use_cache=False)
+
+# %% ../nbs/06_models.ipynb #a5376678
+@torch.no_grad()
+def block_influence(model: nn.Module, # a Hugging Face causal LM
+                    batches: list[CalibBatch], # from `calib_batches`
+                   ) -> torch.Tensor: # [n_layers] fp32
+    "Per decoder layer, 1 - cos(h_in, h_out) averaged over valid tokens (ShortGPT's Block Influence)."
+    _, layers = _layer_list(model)
+    tot, n, cur = torch.zeros(len(layers), dtype=torch.float64), 0, {}
+    def hook(i):
+        def f(mod, args, kwargs, out):
+            h_in, h_out = args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out
+            cur[i] = 1 - F.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+        return f
+    hooks = [l.register_forward_hook(hook(i), with_kwargs=True) for i, l in enumerate(layers)]
+    try:
+        for b in batches:
+            _run(model, b); m = _mask(b)
+            for i in range(len(layers)): tot[i] += cur[i].cpu()[m].double().sum()
+            n += int(m.sum())
+    finally:
+        for h in hooks: h.remove()
+    return (tot / n).float()
+
+# %% ../nbs/06_models.ipynb #72963dc1
+@contextmanager
+def only_layers(model: nn.Module, # a Hugging Face causal LM
+                keep: list[int], # indices of the decoder layers to run, in order
+               ):
+    "Temporarily run `model` with only the decoder layers `keep` (its own modules, no copy; call it with `use_cache=False`)."
+    path, full = _layer_list(model)
+    cfg = model.config; n, types = cfg.num_hidden_layers, getattr(cfg, "layer_types", None)
+    _set(model, path, nn.ModuleList([full[i] for i in _check_layers(keep, n)])); cfg.num_hidden_layers = len(keep)
+    if types is not None: cfg.layer_types = [types[i] for i in keep]
+    try: yield model
+    finally:
+        _set(model, path, full); cfg.num_hidden_layers = n
+        if types is not None: cfg.layer_types = types
+
+# %% ../nbs/06_models.ipynb #c1ea6668
+def _kd_sum(model: nn.Module, b: CalibBatch, t_logits: torch.Tensor) -> float:
+    "KL(teacher ‖ model) at T = 1 summed over the valid tokens of `b`."
+    m = _mask(b)
+    return kd_loss(_run(model, b).logits, t_logits, torch.where(m, 0, -100).to(t_logits.device)).item() * int(m.sum())
+
+class GreedyPath(NamedTuple):
+    order: list[int] # layers in the order they were removed
+    kl: list[float] # KL(full model ‖ pruned) per valid token after each removal
+
+@torch.no_grad()
+def greedy_removal(model: nn.Module, # a Hugging Face causal LM (layers swapped during the search, then restored)
+                   batches: list[CalibBatch], # from `calib_batches`
+                   keep: int = 1, # stop when this many layers remain
+                   progress: bool = True, # fastprogress bar over the removals
+                  ) -> GreedyPath:
+    "Remove layers one at a time, each time the one whose removal raises the KL to the full model least."
+    _, layers = _layer_list(model)
+    n_tok, targets = sum(int(_mask(b).sum()) for b in batches), [_run(model, b).logits for b in batches]
+    kept, order, kls, steps = list(range(len(layers))), [], [], range(len(layers) - keep)
+    for _ in (progress_bar(steps, leave=False) if progress else steps):
+        trial = {}
+        for j in kept:
+            with only_layers(model, [i for i in kept if i != j]):
+                trial[j] = sum(_kd_sum(model, b, t) for b, t in zip(batches, targets)) / n_tok
+        j = min(trial, key=trial.get)  # ties: the earlier layer
+        kept.remove(j); order.append(j); kls.append(trial[j])
+    return GreedyPath(order, kls)
+
+# %% ../nbs/06_models.ipynb #12564991
+SELECTIONS = ("uniform", "block_influence", "greedy")
+
+@dataclass
+class LayerImportance:
+    "Scores of a model's decoder layers on calibration text: higher = more important."
+    method: str # "block_influence" or "greedy"
+    scores: torch.Tensor # [n_layers]; greedy: the step at which a layer was removed (survivors: the number of removals)
+    n_tokens: int # calibration tokens measured on
+    seconds: float # wall time of the measurement
+    path: GreedyPath|None = None # greedy: removal order and KL after each removal
+    def top(self, k: int) -> list[int]:
+        "The `k` most important layers, in model order (ties: the earlier layer)."
+        n = len(self.scores)
+        if not isinstance(k, int) or not 1 <= k <= n: raise ValueError(f"n_layers: expected an int in 1..{n}, got {k!r}")
+        if self.path is not None and k < n - len(self.path.order):
+            raise ValueError(f"n_layers={k}: the greedy search stopped at {n - len(self.path.order)} layers; measure with keep<={k}")
+        return sorted(sorted(range(n), key=lambda i: (-self.scores[i].item(), i))[:k])
+
+def layer_importance(model: nn.Module, # a Hugging Face causal LM (the teacher)
+                     calib, # calibration token ids, as for `calib_batches` (training text, never validation)
+                     method: str = "block_influence", # "block_influence" (one pass) or "greedy" (O(n²) passes)
+                     *,
+                     keep: int = 1, # greedy: stop when this many layers remain
+                     progress: bool = True, # greedy: a progress bar
+                     **kw, # block_size, batch_size: as for `calib_batches`
+                    ) -> LayerImportance:
+    "How much each decoder layer of `model` matters, measured on calibration text."
+    if method not in SELECTIONS[1:]: raise ValueError(f"method: expected one of {list(SELECTIONS[1:])}, got {method!r}")
+    _layer_list(model, "model"); batches = calib_batches(calib, **kw)
+    t0, n_tok, path = time.perf_counter(), sum(int(_mask(b).sum()) for b in batches), None
+    if method == "block_influence": scores = block_influence(model, batches)
+    else:
+        path = greedy_removal(model, batches, keep=keep, progress=progress)
+        scores = torch.full((model.config.num_hidden_layers,), float(len(path.order)))
+        scores[path.order] = torch.arange(len(path.order), dtype=torch.float)
+    return LayerImportance(method, scores, n_tok, time.perf_counter() - t0, path)
+
+# %% ../nbs/06_models.ipynb #fc1feb1e
+def _mlps(model: nn.Module, arg: str = "model") -> list[nn.Module]:
+    _, layers = _layer_list(model, arg)
+    mlps = [getattr(l, "mlp", None) for l in layers]
+    if not all(isinstance(getattr(m, a, None), nn.Linear) for m in mlps for a in ("gate_proj", "up_proj", "down_proj")):
+        raise ValueError(f"{arg}: cannot prune the MLP width of {type(model).__name__}: expected each decoder layer's `.mlp` "
+                         "to have gate_proj, up_proj and down_proj nn.Linear modules (Llama-style)")
+    return mlps
+
+@torch.no_grad()
+def mlp_importance(model: nn.Module, # a Hugging Face causal LM with Llama-style MLPs
+                   batches: list[CalibBatch], # from `calib_batches`
+                  ) -> torch.Tensor: # [n_layers, intermediate_size]
+    "Per layer and MLP neuron: mean |activation| over valid tokens × the norm of its down_proj column."
+    mlps, cur = _mlps(model), {}
+    tot, n = torch.zeros(len(mlps), mlps[0].down_proj.in_features, dtype=torch.float64), 0
+    def hook(i):
+        def f(mod, args): cur[i] = args[0].abs().float()
+        return f
+    hooks = [m.down_proj.register_forward_pre_hook(hook(i)) for i, m in enumerate(mlps)]
+    try:
+        for b in batches:
+            _run(model, b); msk = _mask(b)
+            for i in range(len(mlps)): tot[i] += cur[i].cpu()[msk].double().sum(0)
+            n += int(msk.sum())
+    finally:
+        for h in hooks: h.remove()
+    return (tot / n).float() * torch.stack([m.down_proj.weight.float().norm(dim=0).cpu() for m in mlps])
+
+# %% ../nbs/06_models.ipynb #ce77e1fd
+def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
+    "A new Linear keeping the outputs (dim=0) or inputs (dim=1) `idx` of `lin`."
+    w = lin.weight.index_select(dim, idx.to(lin.weight.device))
+    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if lin.bias is not None: new.bias.data.copy_(lin.bias[idx] if dim == 0 else lin.bias)
+    return new.requires_grad_(lin.weight.requires_grad)
+
+def _check_width(intermediate_size, full: int) -> int:
+    if not isinstance(intermediate_size, int) or isinstance(intermediate_size, bool) or not 1 <= intermediate_size <= full:
+        raise ValueError(f"intermediate_size: expected an int in 1..{full} (the teacher's MLP width), got {intermediate_size!r}")
+    return intermediate_size
+
+def prune_mlp(model: nn.Module, # a Hugging Face causal LM with Llama-style MLPs; pruned in place
+              intermediate_size: int, # neurons to keep in every layer's MLP
+              calib, # calibration token ids, as for `calib_batches` (training text)
+              **kw, # block_size, batch_size: as for `calib_batches`
+             ) -> nn.Module:
+    "Keep the `intermediate_size` most important MLP neurons of each layer (`mlp_importance`); returns `model`."
+    mlps = _mlps(model)
+    _check_width(intermediate_size, model.config.intermediate_size)
+    for m, s in zip(mlps, mlp_importance(model, calib_batches(calib, **kw))):
+        idx = torch.topk(s, intermediate_size).indices.sort().values
+        m.gate_proj, m.up_proj = _slice_linear(m.gate_proj, idx, 0), _slice_linear(m.up_proj, idx, 0)
+        m.down_proj = _slice_linear(m.down_proj, idx, 1)
+        if hasattr(m, "intermediate_size"): m.intermediate_size = intermediate_size
+    model.config.intermediate_size = intermediate_size
+    return model
+
+# %% ../nbs/06_models.ipynb #af4c07d9
+def _choose_layers(teacher, layers, n_layers, select, calib, progress) -> tuple[list[int], LayerImportance|None]:
+    "The teacher layers to keep, and the measurement that chose them (None for given or uniform layers)."
+    n_teacher = len(_layer_list(teacher)[1])
+    if not isinstance(select, LayerImportance) and select not in SELECTIONS:
+        raise ValueError(f"select: expected one of {list(SELECTIONS)} or a LayerImportance, got {select!r}")
+    if layers is not None:
+        if select != "uniform": raise ValueError(f"select={select!r} chooses the layers; give n_layers=N with it, not layers=[...]")
+        return _check_layers(layers, n_teacher), None
+    uni = uniform_layers(n_teacher, n_layers)  # also checks n_layers before any measurement
+    if isinstance(select, LayerImportance):  # measured once, reused for several depths
+        if len(select.scores) != n_teacher: raise ValueError(f"select: a LayerImportance of {len(select.scores)} layers for a teacher of {n_teacher}")
+        return select.top(n_layers), select
+    if select == "uniform": return uni, None
+    if calib is None: raise ValueError(f"calib: select={select!r} measures the teacher's layers on calibration text; pass calib= "
+                                       "(token ids of training text, e.g. dls.train_blocks[:8])")
+    imp = layer_importance(teacher, calib, select, keep=n_layers, progress=progress)
+    return imp.top(n_layers), imp
+
+# %% ../nbs/06_models.ipynb #3b961b7b
+def _fresh_student(teacher, config_overrides, n_layers, seed) -> nn.Module:
+    ov = dict(config_overrides)
+    if n_layers is not None and ov.setdefault("num_hidden_layers", n_layers) != n_layers:
+        raise ValueError(f"n_layers={n_layers} contradicts config_overrides num_hidden_layers={ov['num_hidden_layers']}")
+    return _fresh(teacher, ov, seed)
+
+def _finish(teacher, student, dtype, **info) -> nn.Module:
+    "Cast, make trainable, record the choice on `kdlit_info` and (layer students) in `config.kdlit_student`."
+    if dtype is not None: student.to(resolve_dtype(dtype))
+    student.requires_grad_(True).train()
+    student.kdlit_info = describe_pair(teacher, student, **info)
+    if info["kind"] == "layers": student.config.kdlit_student = student.kdlit_info.record()
+    logger.info("make_student: %s", student.kdlit_info)
+    return student
+
 # %% ../nbs/06_models.ipynb #86fda0d0
 def make_student(teacher: nn.Module, # a Hugging Face causal LM (e.g. from `load_teacher`)
                  *,
                  layers: list[int]|None = None, # teacher layer indices to keep, in order
-                 n_layers: int|None = None, # keep this many layers, spread uniformly (or the depth of a fresh model)
+                 n_layers: int|None = None, # keep this many layers, chosen by `select` (or the depth of a fresh model)
+                 select = "uniform", # "uniform" (evenly spread), "block_influence" or "greedy" (measured on `calib`), or a `LayerImportance`
+                 calib = None, # calibration token ids of *training* text, as for `calib_batches` (measured choices)
+                 intermediate_size: int|None = None, # prune every MLP to this width by activation importance on `calib`
                  config_overrides: dict|None = None, # fresh random model: config fields to change (vocab stays)
                  dtype = torch.float32, # student parameter dtype (None: as the teacher)
                  seed: int = 0, # initialisation seed of a fresh model
+                 progress: bool = True, # a progress bar for greedy selection
                 ) -> nn.Module:
-    "A trainable student from a subset of the teacher's layers, or a fresh smaller config of the same architecture."
+    "A trainable student from teacher layers (given, uniform or measured; MLPs optionally pruned), or a fresh smaller config."
     if layers is not None and (n_layers is not None or config_overrides is not None):
         raise ValueError("make_student: give layers=[...] alone, or n_layers and/or config_overrides")
-    n_teacher = teacher.config.num_hidden_layers
-    if config_overrides is not None:
-        ov = dict(config_overrides)
-        if n_layers is not None:
-            if ov.setdefault("num_hidden_layers", n_layers) != n_layers:
-                raise ValueError(f"n_layers={n_layers} contradicts config_overrides num_hidden_layers={ov['num_hidden_layers']}")
-        student, kind, layers = _fresh(teacher, ov, seed), "fresh", None
-    else:
-        if layers is None:
-            if n_layers is None: raise ValueError("make_student: pass layers=[...], n_layers=N or config_overrides={...}")
-            layers = uniform_layers(n_teacher, n_layers)
-        layers = _check_layers(layers, n_teacher)
-        student, kind = _copy_layers(teacher, layers), "layers"
-    if dtype is not None: student.to(resolve_dtype(dtype))
-    student.requires_grad_(True).train()
-    student.kdlit_info = describe_pair(teacher, student, kind=kind, layers=layers)
-    logger.info("make_student: %s", student.kdlit_info)
-    return student
+    if config_overrides is not None and (select != "uniform" or intermediate_size is not None):
+        raise ValueError("make_student: select= and intermediate_size= choose teacher layers and neurons; a fresh model "
+                         "(config_overrides) has none to choose")
+    if config_overrides is not None: return _finish(teacher, _fresh_student(teacher, config_overrides, n_layers, seed), dtype, kind="fresh")
+    if layers is None and n_layers is None:
+        if intermediate_size is None: raise ValueError("make_student: pass layers=[...], n_layers=N or config_overrides={...}")
+        n_layers = teacher.config.num_hidden_layers
+    if intermediate_size is not None:
+        _mlps(teacher, "teacher"); _check_width(intermediate_size, teacher.config.intermediate_size)
+        if calib is None: raise ValueError("calib: intermediate_size= prunes neurons by their activations on calibration text; pass calib=")
+    layers, imp = _choose_layers(teacher, layers, n_layers, select, calib, progress)
+    student, t0 = _copy_layers(teacher, layers), time.perf_counter()
+    if intermediate_size is not None: prune_mlp(student, intermediate_size, calib)
+    n_tok = imp.n_tokens if imp else sum(int(_mask(b).sum()) for b in calib_batches(calib)) if intermediate_size else 0
+    return _finish(teacher, student, dtype, kind="layers", layers=layers, select=(imp.method if imp else select) if n_layers else "",
+                   intermediate_size=intermediate_size, calib_tokens=n_tok,
+                   calib_seconds=(imp.seconds if imp else 0.) + (time.perf_counter() - t0 if intermediate_size else 0.))
 
 # %% ../nbs/06_models.ipynb #c81cda2f
 def _vocab(model: nn.Module) -> int:

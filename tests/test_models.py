@@ -196,6 +196,211 @@ def test_make_student_errors(teacher, kw, msg):
     assert msg in str(e.value)
 
 
+# ---------------------------------------------------------------- measured selection (issue 19)
+def identity_at(t, i):
+    "Zero layer i's attention and MLP output projections: the layer adds nothing to the residual stream."
+    with torch.no_grad(): t.model.layers[i].self_attn.o_proj.weight.zero_(); t.model.layers[i].mlp.down_proj.weight.zero_()
+    return t
+
+
+def kl(student, teacher, x):
+    with torch.no_grad():
+        return F.kl_div(F.log_softmax(student(x).logits.float(), -1), F.log_softmax(teacher(x).logits.float(), -1),
+                        log_target=True, reduction="none").sum(-1).mean().item()
+
+
+def test_calib_batches_forms():
+    x = ids(5, 16)
+    assert [tuple(b.input_ids.shape) for b in km.calib_batches(x, batch_size=2)] == [(2, 16), (2, 16), (1, 16)]
+    assert torch.equal(km.calib_batches(torch.arange(70), block_size=32)[0].input_ids, torch.arange(64).view(2, 32))
+    bs = km.calib_batches([dict(input_ids=x[:2], attention_mask=torch.ones(2, 16)), x[2].tolist()])
+    assert bs[0].attention_mask.shape == (2, 16) and bs[1].input_ids.shape == (1, 16) and bs[1].attention_mask is None
+
+
+@pytest.mark.parametrize("calib, msg", [
+    (None, "calib: expected calibration token ids"),
+    (torch.arange(100), "at least one block of 128 tokens, got 100 tokens"),
+    (list(range(10)), "at least one block of 128 tokens, got 10 tokens"),
+    (torch.zeros(0, 16, dtype=torch.long), "at least one block"),
+    (torch.zeros(3, 1, dtype=torch.long), "at least one block"),
+    ([], "at least one block"),
+    (torch.zeros(2, 2, 2, dtype=torch.long), "shape (2, 2, 2)"),
+    (7, "calib: expected token ids or batches, got int"),
+])
+def test_calib_batches_errors(calib, msg):
+    with pytest.raises(ValueError) as e: km.calib_batches(calib)
+    assert msg in str(e.value)
+
+
+def test_calib_from_a_training_loader():
+    tp = tiny_pair()
+    dls = make_loaders(tp.tokenizer, ["some training text " * 40], block_size=32, batch_size=2, n_valid=1)
+    bs = km.calib_batches(dls.train)
+    assert sum(b.input_ids.shape[0] for b in bs) == dls.n_train and bs[0].attention_mask.shape == (2, 32)
+    assert make_student(tp.teacher, n_layers=2, select="block_influence", calib=dls.train).kdlit_info.calib_tokens == dls.n_train * 32
+
+
+def test_block_influence_equals_direct_computation():
+    t, x = tiny_llama(layers=6, seed=3), ids(3, 16)
+    mask = torch.ones(3, 16); mask[0, 12:] = 0
+    bi = km.block_influence(t, [km.CalibBatch(x, mask)])
+    with torch.no_grad(): hs = t(x, output_hidden_states=True).hidden_states
+    direct = torch.stack([(1 - F.cosine_similarity(hs[i], hs[i + 1], dim=-1))[mask.bool()].mean() for i in range(6)])
+    torch.testing.assert_close(bi, direct, atol=1e-5, rtol=1e-4)
+    imp = km.layer_importance(t, [dict(input_ids=x, attention_mask=mask)])
+    assert imp.top(4) == sorted(torch.topk(direct, 4).indices.tolist()) and imp.n_tokens == 44
+    assert km.make_student(t, n_layers=4, select="block_influence", calib=[dict(input_ids=x, attention_mask=mask)]).kdlit_info.layers == imp.top(4)
+
+
+def test_block_influence_of_an_identity_layer_is_zero():
+    t = identity_at(tiny_llama(layers=5, seed=1), 2)
+    bi = km.block_influence(t, km.calib_batches(ids(2, 12)))
+    assert bi[2].abs() < 1e-6 and (bi[[0, 1, 3, 4]] > 1e-3).all()
+    assert 2 not in km.layer_importance(t, ids(2, 12)).top(4)
+
+
+@pytest.mark.parametrize("where", [0, 2, 4])
+def test_greedy_removes_an_identity_layer_first(where):
+    t = identity_at(tiny_llama(layers=5, seed=2), where)
+    path = km.greedy_removal(t, km.calib_batches(ids(2, 12)), keep=3, progress=False)
+    assert path.order[0] == where and path.kl[0] == pytest.approx(0, abs=1e-7) and len(path.order) == 2
+    s = make_student(t, n_layers=4, select="greedy", calib=ids(2, 12), progress=False)
+    assert s.kdlit_info.layers == [i for i in range(5) if i != where] and s.kdlit_info.select == "greedy"
+
+
+def test_greedy_steps_equal_direct_computation():
+    t, x = tiny_llama(layers=5, seed=4), ids(2, 12)
+    path = km.greedy_removal(t, km.calib_batches(x), keep=3, progress=False)
+    kept = list(range(5))
+    for j, k in zip(path.order, path.kl):  # each step: the argmin of KL over the one-layer-shorter students, built by make_student
+        trial = {c: kl(make_student(t, layers=[i for i in kept if i != c]).eval(), t, x) for c in kept}
+        assert j == min(trial, key=trial.get) and k == pytest.approx(trial[j], rel=1e-4, abs=1e-7)
+        kept.remove(j)
+    imp = km.layer_importance(t, x, "greedy", keep=3, progress=False)
+    assert imp.top(3) == kept and imp.top(4) == sorted(kept + [path.order[-1]]) and imp.path == path
+    with pytest.raises(ValueError, match="stopped at 3 layers"): imp.top(2)
+
+
+def test_only_layers_restores_the_model_even_after_an_error():
+    t = tiny_llama(layers=4)
+    t.config.layer_types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    layers = list(t.model.layers)
+    with pytest.raises(RuntimeError):
+        with km.only_layers(t, [1, 3]):
+            assert t.config.layer_types == ["sliding_attention", "sliding_attention"] and t.config.num_hidden_layers == 2
+            raise RuntimeError("boom")
+    assert list(t.model.layers) == layers and t.config.num_hidden_layers == 4 and len(t.config.layer_types) == 4
+    with pytest.raises(ValueError, match="valid indices are 0..3"):
+        with km.only_layers(t, [0, 4]): pass
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_pruned_widths_keep_outputs_when_pruned_neurons_are_zero(bias, tmp_path):
+    t, x = tiny_llama(layers=3, mlp_bias=bias), ids(2, 12)
+    s = make_student(t, n_layers=3).eval()
+    dead = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:24]
+    with torch.no_grad():
+        for l in s.model.layers: l.mlp.down_proj.weight[:, dead] = 0
+        ref = s(x).logits
+    km.prune_mlp(s, 40, x)
+    mlp = s.model.layers[1].mlp
+    assert (s.config.intermediate_size, mlp.intermediate_size, mlp.up_proj.out_features, mlp.down_proj.in_features) == (40, 40, 40, 40)
+    assert all(p.requires_grad for p in s.parameters())
+    with torch.no_grad(): torch.testing.assert_close(s(x).logits, ref, atol=1e-5, rtol=1e-5)
+    s.save_pretrained(tmp_path)
+    r = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(r) is type(s) and r.config.intermediate_size == 40
+    with torch.no_grad(): torch.testing.assert_close(r(x).logits, s(x).logits)
+
+
+def test_mlp_importance_ranks_by_activation_times_output_norm():
+    t, x = tiny_llama(layers=2), ids(2, 12)
+    imp = km.mlp_importance(t, km.calib_batches(x))
+    acts = {}
+    hooks = [l.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: acts.__setitem__(i, a[0])) for i, l in enumerate(t.model.layers)]
+    with torch.no_grad(): t(x)
+    for h in hooks: h.remove()
+    for i, l in enumerate(t.model.layers):
+        torch.testing.assert_close(imp[i], acts[i].abs().mean((0, 1)) * l.mlp.down_proj.weight.norm(dim=0))
+
+
+def test_make_student_records_the_choice_and_it_survives_saving(tmp_path):
+    t, x = tiny_llama(layers=6, seed=5), ids(4, 16)
+    s = make_student(t, n_layers=3, select="greedy", calib=x, intermediate_size=32, progress=False)
+    info = s.kdlit_info
+    assert (info.kind, info.select, info.intermediate_size, info.calib_tokens, len(info.layers)) == ("layers", "greedy", 32, 64, 3)
+    assert info.calib_seconds > 0 and "by greedy" in str(info) and "MLP width 32" in str(info)
+    assert info.student_params == count_params(s) and s.training and all(p.requires_grad for p in s.parameters())
+    assert s.config.kdlit_student == dict(teacher_layers=6, layers=info.layers, select="greedy", intermediate_size=32, calib_tokens=64)
+    s.save_pretrained(tmp_path)
+    r = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert r.config.kdlit_student == s.config.kdlit_student and r.config.intermediate_size == 32
+    assert t.config.intermediate_size == 64 and t.model.layers[0].mlp.up_proj.out_features == 64  # teacher untouched
+    u = make_student(t, n_layers=2)
+    assert u.config.kdlit_student["select"] == "uniform" and u.kdlit_info.calib_tokens == 0
+    assert make_student(t, layers=[1, 4]).kdlit_info.select == ""
+    assert make_student(t, intermediate_size=16, calib=x).kdlit_info.layers == list(range(6))
+
+
+def test_greedy_leaves_the_teacher_as_it_was():
+    t, x = tiny_llama(layers=4), ids(2, 12)
+    with torch.no_grad(): before = t(x).logits
+    make_student(t, n_layers=2, select="greedy", calib=x, progress=False)
+    assert len(t.model.layers) == 4 and t.config.num_hidden_layers == 4 and not t.training
+    assert [l.self_attn.layer_idx for l in t.model.layers] == [0, 1, 2, 3]
+    with torch.no_grad(): torch.testing.assert_close(t(x).logits, before)
+
+
+def test_a_measurement_serves_several_depths():
+    t, x = tiny_llama(layers=6, seed=6), ids(2, 12)
+    for method in ("block_influence", "greedy"):
+        imp = km.layer_importance(t, x, method, keep=2, progress=False)
+        for k in (2, 3, 5):
+            s = make_student(t, n_layers=k, select=imp)
+            assert s.kdlit_info.layers == make_student(t, n_layers=k, select=method, calib=x, progress=False).kdlit_info.layers
+            assert (s.kdlit_info.select, s.kdlit_info.calib_tokens) == (method, 24)
+    with pytest.raises(ValueError, match="stopped at 2 layers"): make_student(t, n_layers=1, select=imp)
+    with pytest.raises(ValueError, match="LayerImportance of 6 layers for a teacher of 4"): make_student(tiny_llama(), n_layers=2, select=imp)
+
+
+class _NoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__(); self.config = LlamaConfig(num_hidden_layers=3); self.body = torch.nn.Sequential(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(n_layers=5, select="greedy", calib=ids(2, 8)), "n_layers: expected an int in 1..4 (the teacher's depth), got 5"),
+    (dict(n_layers=5, select="block_influence", calib=ids(2, 8)), "n_layers: expected an int in 1..4"),
+    (dict(n_layers=2, select="shortgpt"), "select: expected one of ['uniform', 'block_influence', 'greedy'] or a LayerImportance, got 'shortgpt'"),
+    (dict(n_layers=2, select="greedy"), "calib: select='greedy' measures"),
+    (dict(n_layers=2, select="block_influence", calib=torch.arange(50)), "calib: expected at least one block of 128 tokens, got 50"),
+    (dict(n_layers=2, select="greedy", calib=ids(2, 1)), "calib: expected at least one block"),
+    (dict(layers=[0, 1], select="greedy", calib=ids(2, 8)), "give n_layers=N with it"),
+    (dict(n_layers=2, intermediate_size=0, calib=ids(2, 8)), "intermediate_size: expected an int in 1..64 (the teacher's MLP width), got 0"),
+    (dict(n_layers=2, intermediate_size=-1, calib=ids(2, 8)), "got -1"),
+    (dict(n_layers=2, intermediate_size=65, calib=ids(2, 8)), "got 65"),
+    (dict(n_layers=2, intermediate_size=32.0, calib=ids(2, 8)), "got 32.0"),
+    (dict(n_layers=2, intermediate_size=32), "calib: intermediate_size= prunes"),
+    (dict(config_overrides={}, select="greedy"), "fresh model"),
+    (dict(config_overrides={}, intermediate_size=8), "fresh model"),
+])
+def test_make_student_selection_errors(teacher, kw, msg):
+    with pytest.raises(ValueError) as e: make_student(teacher, **kw)
+    assert msg in str(e.value)
+
+
+def test_architectures_whose_layers_or_mlps_cannot_be_selected():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    with pytest.raises(ValueError, match="teacher: the layers of _NoLayers cannot be selected"): make_student(_NoLayers(), n_layers=2)
+    with pytest.raises(ValueError, match="model: the layers of Linear cannot be selected"): km.layer_importance(torch.nn.Linear(2, 2), ids())
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=None, eos_token_id=None))
+    assert make_student(gpt2, n_layers=1, select="block_influence", calib=ids()).config.n_layer == 1  # depth works on GPT-2
+    with pytest.raises(ValueError, match="teacher: cannot prune the MLP width of GPT2LMHeadModel"):
+        make_student(gpt2, n_layers=1, intermediate_size=8, calib=ids())
+    with pytest.raises(ValueError, match="model: cannot prune the MLP width"): km.prune_mlp(gpt2, 8, ids())
+    with pytest.raises(ValueError, match="method: expected one of"): km.layer_importance(tiny_llama(), ids(), "random")
+
+
 # ---------------------------------------------------------------- fresh students
 def test_fresh_student(teacher):
     s = make_student(teacher, config_overrides=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=3))
@@ -315,3 +520,15 @@ def test_real_student_from_teacher_layers(smol):
     blocks = dls.valid_blocks[:4]
     assert ppl(s.eval(), blocks) > ppl(teacher, blocks)
     with pytest.raises(ValueError, match="0..29"): make_student(teacher, layers=[0, 30])
+
+
+@pytest.mark.slow
+def test_real_measured_selection_beats_uniform_before_training(smol):
+    teacher, tok = smol
+    dls = make_loaders(tok, block_size=128, batch_size=4, valid_frac=0.05, seed=0, max_positions=teacher)
+    imp = km.layer_importance(teacher, dls.train_blocks[:2])  # block influence: one pass over 256 training tokens
+    assert imp.n_tokens == 256 and imp.seconds < 120 and imp.scores.argmax() == 0
+    uniform, measured = make_student(teacher, n_layers=15), make_student(teacher, n_layers=15, select=imp)
+    assert measured.kdlit_info.layers[:2] == [0, 1] and measured.config.kdlit_student["select"] == "block_influence"
+    blocks = dls.valid_blocks[:4]
+    assert ppl(measured.eval(), blocks) < ppl(uniform.eval(), blocks) / 10
