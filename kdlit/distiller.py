@@ -16,7 +16,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from matplotlib.figure import Figure
 
-from .losses import kd_loss, lm_loss, fused_kd_loss
+from fastcore.basics import patch
+
+from .losses import kd_loss, lm_loss, fused_kd_loss, DIVERGENCES
 from .schedules import TemperatureSchedule, Curriculum, make_schedule
 from .safeguards import StepGuard, LogitRangeMonitor
 from .metrics import perplexity, format_ppl, ppl_band, HealthMonitor
@@ -24,9 +26,9 @@ from .models import check_pair
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'CKPT_META', 'CKPT_STATE', 'CKPT_LATEST', 'CKPT_FORMAT', 'CancelFitException', 'Callback', 'run_cbs',
-           'WarmupCosine', 'next_token', 'count_tokens', 'make_accelerator', 'BatchStream', 'Distiller', 'ScheduleCB',
-           'GuardCB', 'HistoryCB', 'EvalCB', 'HealthCB', 'ProgressCB', 'find_checkpoint', 'CheckpointCB',
-           'plain_for_saving']
+           'WarmupCosine', 'shift_labels', 'count_tokens', 'make_accelerator', 'BatchStream', 'Distiller', 'LossSource',
+           'LogitsKD', 'FusedKD', 'ScheduleCB', 'GuardCB', 'HistoryCB', 'EvalCB', 'HealthCB', 'ProgressCB',
+           'find_checkpoint', 'CheckpointCB', 'plain_for_saving']
 
 # %% ../nbs/07_distiller.ipynb #24336d19
 class CancelFitException(Exception):
@@ -72,20 +74,20 @@ class WarmupCosine:
         return self.min_frac + (1 - self.min_frac) * 0.5 * (1 + math.cos(math.pi * q))
 
 # %% ../nbs/07_distiller.ipynb #1add1de6
-def next_token(logits, # `[B, S, V]` logits (or None)
-               labels, # `[B, S]` unshifted labels (a copy of `input_ids`, -100 where ignored)
-               attention_mask=None, # `[B, S]`: positions with 0 are ignored as targets too
-               ignore_index: int = -100,
-              ):
-    """The next-token shift, done once: `(logits[:, :-1], labels[:, 1:])`, padded targets set to `ignore_index`.
+def shift_labels(labels, # `[B, S]` unshifted labels (a copy of `input_ids`, -100 where ignored)
+                 attention_mask=None, # `[B, S]`: positions with 0 are ignored as targets too
+                 ignore_index: int = -100,
+                ):
+    """Next-token targets aligned with every position, the last one ignored: shift the labels, not the logits.
+    `logits[:, i]` predicts `y[:, i] = labels[:, i + 1]`, so the `[B, S, V]` logits are used whole and never copied.
 
-    >>> s, y = next_token(torch.zeros(1, 4, 3), torch.tensor([[5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 0]]))
-    >>> tuple(s.shape), y.tolist()
-    ((1, 3, 3), [[6, 7, -100]])
+    >>> shift_labels(torch.tensor([[5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 0]])).tolist()
+    [[6, 7, -100, -100]]
     """
-    y = labels[:, 1:]
-    if attention_mask is not None: y = y.masked_fill(attention_mask[:, 1:] == 0, ignore_index)
-    return (None if logits is None else logits[:, :-1]), y
+    y = torch.full_like(labels, ignore_index)
+    y[:, :-1] = labels[:, 1:]
+    if attention_mask is not None: y[:, :-1].masked_fill_(attention_mask[:, 1:] == 0, ignore_index)
+    return y
 
 def count_tokens(batches, # micro-batches: dicts with `labels` (and optionally `attention_mask`)
                  ignore_index: int = -100) -> int:
@@ -94,8 +96,7 @@ def count_tokens(batches, # micro-batches: dicts with `labels` (and optionally `
     >>> count_tokens([dict(labels=torch.tensor([[1, 2, -100, 4]])), dict(labels=torch.ones(2, 3, dtype=torch.long))])
     6
     """
-    return sum(int((next_token(None, b["labels"], b.get("attention_mask"), ignore_index)[1] != ignore_index).sum())
-               for b in batches)
+    return sum(int((shift_labels(b["labels"], b.get("attention_mask"), ignore_index) != ignore_index).sum()) for b in batches)
 
 # %% ../nbs/07_distiller.ipynb #cf889650
 PRECISIONS = ("no", "fp16", "bf16")
@@ -215,7 +216,8 @@ class Distiller:
                  components: Sequence[nn.Module] = (), # alignment losses (CONTRACTS.md protocol), weighted by `name`
                  curriculum=None, # `Curriculum`, dict of weight specs, or None: kd=1 (lm=0), see `kdlit.schedules`
                  temperature=None, # `TemperatureSchedule`, number or spec; None: linear 2.0 -> 1.5
-                 divergence: str = "forward_kl", # `kd_loss` divergence
+                 divergence: str = "forward_kl", # `kd_loss` divergence, one of `kdlit.losses.DIVERGENCES`
+                 beta: float = 0.5, # β of the generalized JSD (`divergence="jsd"`)
                  fused: bool | None = None, # kd + lm from hidden states block by block with `fused_kd_loss`, never materialising the student's [N, V] logits (needs plain linear heads: no bias / soft-capping; one process); None: on wherever it applies, except fp16 (whose logit watch needs the logits); False: off
                  lr: float = 3e-4, # peak learning rate
                  weight_decay: float = 0.0, # AdamW weight decay
@@ -261,7 +263,10 @@ class Distiller:
         self.log_every = None if log_every is None else _int(log_every, "log_every")
         self.curriculum_every = None if curriculum_every is None else _int(curriculum_every, "curriculum_every")
         self.ckpt_dir = None if ckpt_dir is None else pathlib.Path(ckpt_dir)
-        self.divergence, self.eval_at_start, self.verbose = divergence, eval_at_start, verbose
+        if divergence not in DIVERGENCES: raise ValueError(f"divergence: expected one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+            raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
+        self.divergence, self.beta, self.eval_at_start, self.verbose = divergence, float(beta), eval_at_start, verbose
         self.opt_func, self.sched_func, self.betas, self.weight_decay = opt_func, sched_func, betas, weight_decay
         # curricula
         try: self.temperature = temperature if isinstance(temperature, TemperatureSchedule) else (
@@ -309,7 +314,7 @@ class Distiller:
         if fused is None:                                      # on wherever it applies (see "Fused" below)
             try: _fused_heads(student, teacher, self.active["kd"]); fused = acc.num_processes == 1 and acc.mixed_precision != "fp16"
             except ValueError: fused = False
-        self.fused, self.fused_loss = fused, None
+        self.fused, self.loss_fn = fused, (FusedKD() if fused else LogitsKD())   # the loss interface
         self.teacher = teacher.to(acc.device).eval().requires_grad_(False)
         self.student = acc.prepare(student.train())
         self.component_modules = [acc.prepare(c) if any(True for _ in c.parameters()) else c.to(acc.device)
@@ -353,116 +358,115 @@ class Distiller:
                 f"callbacks={[type(c).__name__ for c in sorted(self.cbs, key=attrgetter('order'))]})")
 
 # %% ../nbs/07_distiller.ipynb #a09f74bd
-def _compute_losses(self: Distiller, batch: dict, num_items: int) -> dict:
-    "Raw loss components of one micro-batch (tensors), token losses divided by `num_items`."
-    if self.fused: return _fused_losses(self, batch, num_items)
-    ids, mask = batch["input_ids"], batch.get("attention_mask")
-    kw = dict(output_hidden_states=self.need_hidden, output_attentions=self.need_attn)
-    t_out = None
-    if self.need_teacher:
-        with torch.no_grad(): t_out = self.teacher(input_ids=ids, attention_mask=mask, **kw)
-    s_out = self.student(input_ids=ids, attention_mask=mask, **kw)
-    s, y = next_token(s_out.logits, batch["labels"], mask)
-    t = None if t_out is None else t_out.logits[:, :-1]
-    self.logits = (s, t)
-    w, losses = self.weights, {}
-    def graph(name): return contextlib.nullcontext() if w.get(name, 0) != 0 else torch.no_grad()
-    with graph("lm"): losses["lm"] = lm_loss(s, y, num_items=num_items)
-    if self.active["kd"]:
-        with graph("kd"):
-            losses["kd"] = kd_loss(s, t, y, temperature=self.T, divergence=self.divergence, num_items=num_items,
-                                   vocab_size=self.vocab_size)
-    if self.components:
-        m = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-        frac = (y != -100).sum() / num_items    # component losses are per-micro-batch means: weight by its tokens
-        for c, cm in zip(self.components, self.component_modules):
-            if not self.active[c.name]: continue
-            with graph(c.name): losses[c.name] = cm(s_out, t_out, m) * frac
-    return losses
+def _graph(w): return contextlib.nullcontext() if w != 0 else torch.no_grad()   # a weight-0 term: logged, no graph
 
-Distiller.compute_losses = _compute_losses
+class LossSource:
+    "The loss interface of the step: `src(learn, batch, num_items) -> (loss, logs)`; subclasses give `forward` and `token_losses`."
+    def forward(self, learn, batch): raise NotImplementedError      # -> (student output, teacher output or None)
+    def token_losses(self, learn, s_out, t_out, y, num_items): raise NotImplementedError   # -> (weighted kd + lm, raw logs)
+    def __call__(self, learn, batch: dict, num_items: int):
+        mask = batch.get("attention_mask")
+        y = shift_labels(batch["labels"], mask)
+        s_out, t_out = self.forward(learn, batch)
+        loss, logs = self.token_losses(learn, s_out, t_out, y, num_items)
+        if learn.components:                    # component losses are per-micro-batch means: weight by its tokens
+            m = mask.bool() if mask is not None else torch.ones_like(batch["input_ids"], dtype=torch.bool)
+            frac = (y != -100).sum() / num_items
+            for c, cm in zip(learn.components, learn.component_modules):
+                if not learn.active[c.name]: continue
+                w = learn.weights.get(c.name, 0.0)
+                with _graph(w): v = cm(s_out, t_out, m) * frac
+                logs[c.name] = v.detach()
+                if w != 0: loss = loss + w * v
+        return loss, logs
+
+class LogitsKD(LossSource):
+    "kd and lm from the two models' full logits (`kd_loss`, `lm_loss`)."
+    def forward(self, learn, batch):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        kw = dict(output_hidden_states=learn.need_hidden, output_attentions=learn.need_attn)
+        t_out = None
+        if learn.need_teacher:
+            with torch.no_grad(): t_out = learn.teacher(input_ids=ids, attention_mask=mask, **kw)
+        return learn.student(input_ids=ids, attention_mask=mask, **kw), t_out
+    def token_losses(self, learn, s_out, t_out, y, num_items):
+        s, (wl, wk) = s_out.logits, (learn.weights.get("lm", 0.0), learn.weights.get("kd", 0.0))
+        logs = dict(max_logit_student=s.detach().abs().amax())
+        if t_out is not None: logs["max_logit_teacher"] = t_out.logits.abs().amax()
+        with _graph(wl): lm = lm_loss(s, y, num_items=num_items)
+        loss, logs["lm"] = (wl * lm if wl != 0 else s.new_zeros((), dtype=torch.float32)), lm.detach()
+        if learn.active["kd"]:
+            with _graph(wk): kd = kd_loss(s, t_out.logits, y, temperature=learn.T, divergence=learn.divergence, beta=learn.beta,
+                                          num_items=num_items, vocab_size=learn.vocab_size)
+            logs["kd"] = kd.detach()
+            if wk != 0: loss = loss + wk * kd
+        return loss, logs
 
 # %% ../nbs/07_distiller.ipynb #cb80f21c
-def _fused_losses(self: Distiller, batch: dict, num_items: int) -> dict:
-    "`compute_losses` with `fused=True`: raw kd and lm from hidden states; the weighted sum goes to `self.fused_loss`."
-    ids, mask = batch["input_ids"], batch.get("attention_mask")
-    kw = dict(output_hidden_states=self.need_hidden, output_attentions=self.need_attn)
-    sm = self.accelerator.unwrap_model(self.student)
-    t_out = None
-    if self.need_teacher:
-        with torch.no_grad(): t_out = self.teacher.get_decoder()(input_ids=ids, attention_mask=mask, **kw)
-    s_out = sm.get_decoder()(input_ids=ids, attention_mask=mask, **kw)
-    h, y = next_token(s_out.last_hidden_state, batch["labels"], mask)
-    W = sm.get_output_embeddings().weight
-    self.logits = (None, None)                      # no logits to monitor
-    w, kd_on, losses = self.weights, self.active["kd"], {}
-    if kd_on: teacher = (t_out.last_hidden_state[:, :-1], self.teacher.get_output_embeddings().weight)
-    else: teacher = (h.new_zeros(*h.shape[:-1], 1), W.new_zeros(W.shape[0], 1))   # KD off: a cheap dummy, weight 0
-    kd_w, lm_w = (w.get("kd", 0.0) if kd_on else 0.0), w.get("lm", 0.0)
-    with contextlib.nullcontext() if kd_w != 0 or lm_w != 0 else torch.no_grad():
-        out = fused_kd_loss(h, W, teacher, y, temperature=self.T, divergence=self.divergence, kd_weight=kd_w,
-                            lm_weight=lm_w, num_items=num_items, vocab_size=self.vocab_size if kd_on else None)
-    self.fused_loss = out.loss
-    losses["lm"] = out.lm
-    if kd_on: losses["kd"] = out.kd
-    if self.components:
-        m = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-        frac = (y != -100).sum() / num_items
-        for c, cm in zip(self.components, self.component_modules):
-            if not self.active[c.name]: continue
-            with contextlib.nullcontext() if w.get(c.name, 0) != 0 else torch.no_grad():
-                losses[c.name] = cm(s_out, t_out, m) * frac
-    return losses
-
+class FusedKD(LossSource):
+    "kd and lm from hidden states, block by block (`fused_kd_loss`): the student's `[N, V]` logits never exist at once."
+    def forward(self, learn, batch):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        kw = dict(output_hidden_states=learn.need_hidden, output_attentions=learn.need_attn)
+        t_out = None
+        if learn.need_teacher:
+            with torch.no_grad(): t_out = learn.teacher.get_decoder()(input_ids=ids, attention_mask=mask, **kw)
+        return learn.accelerator.unwrap_model(learn.student).get_decoder()(input_ids=ids, attention_mask=mask, **kw), t_out
+    def token_losses(self, learn, s_out, t_out, y, num_items):
+        h, W = s_out.last_hidden_state, learn.accelerator.unwrap_model(learn.student).get_output_embeddings().weight
+        kd_on, w = learn.active["kd"], learn.weights
+        if kd_on: teacher = (t_out.last_hidden_state, learn.teacher.get_output_embeddings().weight)
+        else: teacher = (h.new_zeros(*h.shape[:-1], 1), W.new_zeros(W.shape[0], 1))   # KD off: a cheap dummy, weight 0
+        kd_w, lm_w = (w.get("kd", 0.0) if kd_on else 0.0), w.get("lm", 0.0)
+        with _graph(kd_w or lm_w):
+            out = fused_kd_loss(h, W, teacher, y, temperature=learn.T, divergence=learn.divergence, beta=learn.beta,
+                                kd_weight=kd_w,
+                                lm_weight=lm_w, num_items=num_items, vocab_size=learn.vocab_size if kd_on else None)
+        return out.loss, dict(lm=out.lm.detach(), **(dict(kd=out.kd.detach()) if kd_on else {}))
 
 # %% ../nbs/07_distiller.ipynb #fe6f6c21
+@patch
 def _one_step(self: Distiller):
     "One optimizer step over `grad_accum` micro-batches."
     acc, t0 = self.accelerator, time.perf_counter()
     self.p = self.step / max(self.n_steps - 1, 1)
     self("before_step")                                       # ScheduleCB: self.T, self.weights
     batches = [self.stream.next() for _ in range(self.grad_accum)]
-    n_items = torch.tensor(count_tokens(batches), device=acc.device)
-    if acc.num_processes > 1: n_items = acc.reduce(n_items, "sum")
-    self.n_items, self.skip, self.sums, self.maxes = int(n_items), False, {}, []
+    self.n_items, self.skipped, self.grad_norm = self._count(batches), False, torch.tensor(math.nan)
     self.opt.zero_grad(set_to_none=True)
     for i, b in enumerate(batches):
-        sync = contextlib.ExitStack()
-        if i < len(batches) - 1:                               # no all-reduce until the last micro-batch
-            for m in (self.student, *self.component_modules): sync.enter_context(acc.no_sync(m))
-        with sync:
-            with acc.autocast():
-                self.fused_loss = None
-                self.losses = self.compute_losses(b, max(self.n_items, 1))
-                fz = self.fused_loss is not None                # fused: kd + lm already weighted in `fused_loss`
-                self.loss = sum((self.weights[k] * v for k, v in self.losses.items()
-                                 if self.weights[k] != 0 and not (fz and k in ("kd", "lm"))),
-                                self.fused_loss if fz else torch.zeros((), device=acc.device))
-            self._record_micro()
-            self("after_loss")                                 # GuardCB: a non-finite loss sets self.skip
-            if self.skip: break
+        with self._no_sync(last=i == len(batches) - 1):
+            with acc.autocast(): self.loss, self.logs_ = self.loss_fn(self, b, max(self.n_items, 1))
+            self("after_loss")                                 # GuardCB: a non-finite loss sets `skipped`; HistoryCB sums
+            if self.skipped: break
             if self.loss.requires_grad: acc.backward(self.loss * acc.num_processes)  # DDP averages; the divisor is global
     self("after_backward")
-    self.grad_norm = torch.tensor(math.nan)
-    if not self.skip:
+    if not self.skipped:
         self.grad_norm = acc.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
-        self("after_clip")                                     # GuardCB: a non-finite norm sets self.skip (no scaler)
+        self("after_clip")                                     # GuardCB: a non-finite norm sets `skipped` (no scaler)
     self.lr_used = self.opt.param_groups[0]["lr"]
-    if not self.skip: self.opt.step()                          # a GradScaler skips an overflowing step by itself
-    self.skipped = self.skip or bool(getattr(self.opt, "step_was_skipped", False))
-    self.advance = not self.skipped
-    self("after_opt_step")                                     # GuardCB: closes the step, may keep the LR schedule
-    if self.advance: self.sched.step()
+    if not self.skipped:
+        self.opt.step()
+        self.skipped = bool(getattr(self.opt, "step_was_skipped", False))   # a GradScaler skipped an overflow itself
+    self("after_opt_step")                                     # GuardCB: closes the step (may raise TrainingDiverged)
+    if not self.skipped: self.sched.step()
     self.step += 1
     self.step_time = time.perf_counter() - t0
     self("after_step")                                         # history, eval, health, progress, checkpoint
 
-def _record_micro(self: Distiller):
-    "Accumulate the detached losses and largest |logits| of a micro-batch for the log (none when fused)."
-    for k, v in {**self.losses, "loss": self.loss}.items(): self.sums[k] = self.sums.get(k, 0) + v.detach().float()
-    if self.logits != (None, None): self.maxes.append([x.detach().abs().amax().float() if x is not None else torch.zeros(()) for x in self.logits])
+@patch
+def _count(self: Distiller, batches) -> int:
+    "Valid targets of the accumulated batch, summed over processes: every token loss's divisor."
+    n = torch.tensor(count_tokens(batches), device=self.accelerator.device)
+    return int(self.accelerator.reduce(n, "sum")) if self.accelerator.num_processes > 1 else int(n)
 
-Distiller._one_step, Distiller._record_micro = _one_step, _record_micro
+@patch
+def _no_sync(self: Distiller, last: bool):
+    "No gradient all-reduce until the last micro-batch."
+    sync = contextlib.ExitStack()
+    if not last:
+        for m in (self.student, *self.component_modules): sync.enter_context(self.accelerator.no_sync(m))
+    return sync
 
 # %% ../nbs/07_distiller.ipynb #ec7a135c
 def _make_sched(self: Distiller, steps: int):
@@ -470,7 +474,8 @@ def _make_sched(self: Distiller, steps: int):
     w = self.warmup if isinstance(self.warmup, int) else int(round(self.warmup * steps))
     return torch.optim.lr_scheduler.LambdaLR(self.opt, WarmupCosine(w, steps, self.min_lr_frac))
 
-def _fit(self: Distiller,
+@patch
+def fit(self: Distiller,
          steps: int, # planned optimizer steps of the whole run (a resumed run continues to this number)
          resume=None, # a checkpoint directory (or `ckpt_dir`, whose `latest` is used) to continue from
         ) -> Distiller:
@@ -490,7 +495,6 @@ def _fit(self: Distiller,
     finally: self("cleanup_fit")
     return self
 
-Distiller.fit = _fit
 
 # %% ../nbs/07_distiller.ipynb #2616bdd9
 class ScheduleCB(Callback):
@@ -508,17 +512,20 @@ class GuardCB(Callback):
     "Skips steps with non-finite losses or gradients through `learn.guard` (a `StepGuard`)."
     order = -10
     def after_loss(self, learn):
-        checks = {k: v for k, v in learn.losses.items() if learn.weights.get(k, 0) != 0}
+        logs = learn.logs_
+        checks = {k: v for k, v in logs.items() if learn.weights.get(k, 0) != 0}
         checks["total"] = learn.loss
-        s, t = learn.logits
-        if not learn.guard.check_losses(learn.step, checks, student_logits=s, teacher_logits=t): learn.skip = True
+        s, t = logs.get("max_logit_student"), logs.get("max_logit_teacher")
+        if not learn.guard.check_losses(learn.step, checks, student_logits=s, teacher_logits=t): learn.skipped = True
+        if s is not None: self.maxes.append([s.float(), (t if t is not None else torch.zeros(())).float()])
     def after_clip(self, learn):
         ok = learn.guard.check_grads(learn.step, learn.grad_norm, scaler=learn.scaler)
-        if not ok and (learn.scaler is None or not learn.scaler.is_enabled()): learn.skip = True
+        if not ok and (learn.scaler is None or not learn.scaler.is_enabled()): learn.skipped = True
+    def before_step(self, learn): self.maxes = []
     def after_opt_step(self, learn):
-        learn.advance = learn.guard.end_step(learn.step, skipped=learn.skipped)
-        if learn.maxes:
-            m = torch.tensor([[float(v) for v in r] for r in learn.maxes]).amax(0)
+        if learn.guard.end_step(learn.step, skipped=learn.skipped) and learn.skipped: learn.sched.step()  # guard's choice
+        if self.maxes:
+            m = torch.tensor([[float(v) for v in r] for r in self.maxes]).amax(0)
             rec = learn.logit_monitor.update(learn.step, m[:1], m[1:] if learn.need_teacher else None)
             learn.max_logits = (rec.get("student"), rec.get("teacher"))
         else: learn.max_logits = (None, None)
@@ -527,8 +534,12 @@ class GuardCB(Callback):
 class HistoryCB(Callback):
     "Appends one row per step to `learn.history`."
     order = 0
+    def before_step(self, learn): self.sums = {}
+    def after_loss(self, learn):
+        for k, v in {**learn.logs_, "loss": learn.loss}.items():
+            if not k.startswith("max_logit"): self.sums[k] = self.sums.get(k, 0) + v.detach().float()
     def after_step(self, learn):
-        vals = {k: v for k, v in learn.sums.items()}
+        vals = self.sums
         if learn.accelerator.num_processes > 1:
             vals = {k: learn.accelerator.reduce(v.to(learn.accelerator.device), "sum") for k, v in vals.items()}
         f = dict(zip(vals, torch.stack(list(vals.values())).tolist())) if vals else {}
@@ -547,21 +558,22 @@ class HistoryCB(Callback):
 
 # %% ../nbs/07_distiller.ipynb #f47eb05e
 @torch.no_grad()
-def _eval_model(self: Distiller, model, *, kd: bool = True, max_batches=None) -> dict:
+def _eval_model(self: Distiller, model, *, kd: bool = True, max_batches=None, dl=None) -> dict:
+    "LM loss (and KL(teacher ‖ model) at T = 1) of `model` on `dl` (default: the validation loader)."
     acc, was = self.accelerator, model.training
     model.eval()
     sums = torch.zeros(3, device=acc.device, dtype=torch.float64)   # lm sum, kd sum, tokens
-    for i, b in enumerate(self.valid_dl):
+    for i, b in enumerate(self.valid_dl if dl is None else dl):
         if max_batches is not None and i >= max_batches: break
         ids, mask = b["input_ids"], b.get("attention_mask")
         with acc.autocast():
             s_logits = model(input_ids=ids, attention_mask=mask).logits
             t_logits = self.teacher(input_ids=ids, attention_mask=mask).logits if kd and model is not self.teacher else None
-        s, y = next_token(s_logits, b["labels"], mask)
+        s, y = s_logits, shift_labels(b["labels"], mask)
         n = (y != -100).sum()
         sums[0] += lm_loss(s, y, num_items=max(int(n), 1)).double() * n
         if t_logits is not None:
-            sums[1] += kd_loss(s, t_logits[:, :-1], y, temperature=1.0, divergence=self.divergence,
+            sums[1] += kd_loss(s, t_logits, y, temperature=1.0, divergence="forward_kl",
                                num_items=max(int(n), 1), vocab_size=self.vocab_size).double() * n
         sums[2] += n
     if acc.num_processes > 1: sums = acc.reduce(sums, "sum")
@@ -571,7 +583,8 @@ def _eval_model(self: Distiller, model, *, kd: bool = True, max_batches=None) ->
     if kd and model is not self.teacher: out["val_kd"] = kdv
     return out
 
-def _evaluate(self: Distiller,
+@patch
+def evaluate(self: Distiller,
               max_batches: int | None = None, # validation batches (None: `eval_batches`, then all)
              ) -> dict:
     "Validation LM loss, perplexity (number, string, band) and KD loss (T=1) of the student; runs `after_eval`."
@@ -583,9 +596,9 @@ def _evaluate(self: Distiller,
     self("after_eval")
     return self.last_eval
 
+@patch
 def _eval_every(self: Distiller) -> int: return self.eval_every or max(1, self.n_steps // 4)
 
-Distiller.evaluate, Distiller._eval_every = _evaluate, _eval_every
 
 class EvalCB(Callback):
     "Evaluates before training (optional), every `eval_every` steps and at the end."
@@ -607,11 +620,12 @@ class EvalCB(Callback):
 class HealthCB(Callback):
     "Feeds every step to `learn.monitor` (a `HealthMonitor`)."
     order = 20
+    def before_step(self, learn): self.n_bad = learn.guard.n_skipped
     def after_step(self, learn):
         r = learn.row
         learn.monitor.update(learn.step, total=r["loss"], lm=r.get("lm"), kd=r.get("kd"), ppl=r.get("val_ppl"),
                              temperature=r["T"], expected_temperature=float(learn.temperature(learn.p)),
-                             weights=learn.weights, expected_weights=learn.curriculum(learn.p), nonfinite=learn.skip)
+                             weights=learn.weights, expected_weights=learn.curriculum(learn.p), nonfinite=learn.guard.n_skipped > self.n_bad)
 
 # %% ../nbs/07_distiller.ipynb #21649724
 def _in_notebook() -> bool:
@@ -662,7 +676,8 @@ class ProgressCB(Callback):
         self.mb = self.pb = None
 
 # %% ../nbs/07_distiller.ipynb #306dcf94
-def _summary(self: Distiller) -> str:
+@patch
+def summary(self: Distiller) -> str:
     "Closing report: perplexities, gap closed, skipped steps, wall time, health table."
     lines = ["", "=" * 60, f"kdlit run: {self.step}/{self.n_steps} steps"]
     t = self.teacher_eval
@@ -680,7 +695,6 @@ def _summary(self: Distiller) -> str:
     lines += ["health:", self.monitor.summary(), "=" * 60]
     return "\n".join(lines)
 
-Distiller.summary = _summary
 
 # %% ../nbs/07_distiller.ipynb #53328842
 CKPT_META, CKPT_STATE, CKPT_LATEST, CKPT_FORMAT = "kdlit_meta.json", "kdlit_state.pt", "latest", 1
@@ -712,7 +726,8 @@ def find_checkpoint(path) -> pathlib.Path:
                          f"or a `{CKPT_LATEST}` file naming one)")
     return p
 
-def _save_checkpoint(self: Distiller,
+@patch
+def save_checkpoint(self: Distiller,
                      root=None, # directory of checkpoints (default: `ckpt_dir`)
                     ) -> pathlib.Path:
     "Write a full checkpoint atomically; returns its directory."
@@ -742,6 +757,7 @@ def _save_checkpoint(self: Distiller,
     acc.wait_for_everyone()
     return final
 
+@patch
 def _trainer_state(self: Distiller) -> dict:
     return dict(step=self.step, n_steps=self.n_steps, sched=self.sched.state_dict(), data=self.stream.state_dict(),
                 temperature=self.temperature.state_dict(), curriculum=self.curriculum.state_dict(),
@@ -749,7 +765,8 @@ def _trainer_state(self: Distiller) -> dict:
                 monitor=self.monitor.state_dict(), history=self.history, evals=self.evals, logs=self.logs,
                 teacher_eval=self.teacher_eval)
 
-def _load_checkpoint(self: Distiller, path) -> Distiller:
+@patch
+def load_checkpoint(self: Distiller, path) -> Distiller:
     "Restore everything `save_checkpoint` wrote (clear errors for a corrupt or mismatched checkpoint)."
     acc, p = self.accelerator, find_checkpoint(path)
     try: meta = json.loads((p / CKPT_META).read_text())
@@ -782,7 +799,6 @@ def _load_checkpoint(self: Distiller, path) -> Distiller:
     self.monitor.load_state_dict(st["monitor"])
     return self
 
-Distiller.save_checkpoint, Distiller.load_checkpoint, Distiller._trainer_state = _save_checkpoint, _load_checkpoint, _trainer_state
 
 class CheckpointCB(Callback):
     "Saves a checkpoint every `ckpt_every` steps and at the end of the fit."
@@ -792,7 +808,8 @@ class CheckpointCB(Callback):
     def after_fit(self, learn): learn.save_checkpoint()
 
 # %% ../nbs/07_distiller.ipynb #b0104520
-def _save_history(self: Distiller, path) -> pathlib.Path:
+@patch
+def save_history(self: Distiller, path) -> pathlib.Path:
     "Write `history` as CSV (one row per step, union of keys, blank where a value is absent)."
     path = pathlib.Path(path)
     keys = list(dict.fromkeys(k for r in self.history for k in r))
@@ -818,7 +835,8 @@ def plain_for_saving(model: nn.Module):
         model.hf_quantizer = q; cfg.__dict__.update(saved)
         if flag is not None: model.is_quantized = flag
 
-def _save_pretrained(self: Distiller, path, *, tokenizer=None) -> pathlib.Path:
+@patch
+def save_pretrained(self: Distiller, path, *, tokenizer=None) -> pathlib.Path:
     "Save the student (without alignment projections) with `save_pretrained`, and the tokenizer, loadable by transformers."
     acc, path = self.accelerator, pathlib.Path(path)
     acc.wait_for_everyone()
@@ -829,7 +847,8 @@ def _save_pretrained(self: Distiller, path, *, tokenizer=None) -> pathlib.Path:
     acc.wait_for_everyone()
     return path
 
-def _plot_history(self: Distiller, figsize=(11, 7)) -> Figure:
+@patch
+def plot_history(self: Distiller, figsize=(11, 7)) -> Figure:
     "Losses, validation perplexity (with the teacher's), temperature and weights over the run."
     fig = Figure(figsize=figsize)
     ax = fig.subplots(2, 2).ravel()
@@ -851,4 +870,3 @@ def _plot_history(self: Distiller, figsize=(11, 7)) -> Figure:
     fig.tight_layout()
     return fig
 
-Distiller.save_history, Distiller.save_pretrained, Distiller.plot_history = _save_history, _save_pretrained, _plot_history
