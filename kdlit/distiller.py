@@ -25,10 +25,10 @@ from .metrics import perplexity, format_ppl, ppl_band, HealthMonitor
 from .models import check_pair
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'CKPT_META', 'CKPT_STATE', 'CKPT_LATEST', 'CKPT_FORMAT', 'CancelFitException', 'Callback', 'run_cbs',
-           'WarmupCosine', 'shift_labels', 'count_tokens', 'make_accelerator', 'BatchStream', 'Distiller', 'LossSource',
-           'LogitsKD', 'FusedKD', 'ScheduleCB', 'GuardCB', 'HistoryCB', 'EvalCB', 'HealthCB', 'ProgressCB',
-           'find_checkpoint', 'CheckpointCB', 'plain_for_saving']
+__all__ = ['PRECISIONS', 'DEFAULT_RECIPE', 'CKPT_META', 'CKPT_STATE', 'CKPT_LATEST', 'CKPT_FORMAT', 'CancelFitException',
+           'Callback', 'run_cbs', 'WarmupCosine', 'shift_labels', 'count_tokens', 'make_accelerator', 'BatchStream',
+           'Distiller', 'LossSource', 'LogitsKD', 'FusedKD', 'ScheduleCB', 'GuardCB', 'HistoryCB', 'EvalCB', 'HealthCB',
+           'ProgressCB', 'find_checkpoint', 'CheckpointCB', 'plain_for_saving']
 
 # %% ../nbs/07_distiller.ipynb #24336d19
 class CancelFitException(Exception):
@@ -163,6 +163,9 @@ class BatchStream:
                 for _ in range(n): next(self.it)
 
 # %% ../nbs/07_distiller.ipynb #5330fbdb
+DEFAULT_RECIPE = dict(curriculum=dict(kd=1.0, lm=0.0), temperature=["linear", 2.0, 1.5], divergence="forward_kl")
+"The default loss recipe of the `Distiller` and of `kdlit distill` (the seed's: pure KD, T 2.0 → 1.5): change it here, once."
+
 def _int(v, name, lo=1):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
@@ -202,7 +205,6 @@ def _fused_heads(student, teacher, kd):
     _fused_head(student, "student")
     if kd: _fused_head(teacher, "teacher")
 
-
 # %% ../nbs/07_distiller.ipynb #bfe56c7d
 class Distiller:
     "Distil `teacher` into `student` on `dls` with the curricula, the guards and the callbacks described above."
@@ -214,9 +216,9 @@ class Distiller:
                  *,
                  tokenizer=None, # saved with the student by `save_pretrained` (default: `dls.tokenizer`)
                  components: Sequence[nn.Module] = (), # alignment losses (CONTRACTS.md protocol), weighted by `name`
-                 curriculum=None, # `Curriculum`, dict of weight specs, or None: kd=1 (lm=0), see `kdlit.schedules`
-                 temperature=None, # `TemperatureSchedule`, number or spec; None: linear 2.0 -> 1.5
-                 divergence: str = "forward_kl", # `kd_loss` divergence, one of `kdlit.losses.DIVERGENCES`
+                 curriculum=None, # `Curriculum`, dict of weight specs, or None: `DEFAULT_RECIPE`'s (see `kdlit.schedules`)
+                 temperature=None, # `TemperatureSchedule`, number or spec; None: `DEFAULT_RECIPE`'s
+                 divergence: str | None = None, # `kd_loss` divergence, one of `kdlit.losses.DIVERGENCES`; None: `DEFAULT_RECIPE`'s
                  beta: float = 0.5, # β of the generalized JSD (`divergence="jsd"`)
                  fused: bool | None = None, # kd + lm from hidden states block by block with `fused_kd_loss`, never materialising the student's [N, V] logits (needs plain linear heads: no bias / soft-capping; one process); None: on wherever it applies, except fp16 (whose logit watch needs the logits); False: off
                  lr: float = 3e-4, # peak learning rate
@@ -263,6 +265,8 @@ class Distiller:
         self.log_every = None if log_every is None else _int(log_every, "log_every")
         self.curriculum_every = None if curriculum_every is None else _int(curriculum_every, "curriculum_every")
         self.ckpt_dir = None if ckpt_dir is None else pathlib.Path(ckpt_dir)
+        self.run_info = {}                 # recorded in checkpoints: e.g. the teacher, data, seq_len and batch_size of a CLI run
+        divergence = DEFAULT_RECIPE["divergence"] if divergence is None else divergence
         if divergence not in DIVERGENCES: raise ValueError(f"divergence: expected one of {', '.join(DIVERGENCES)}, got {divergence!r}")
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
             raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
@@ -270,9 +274,9 @@ class Distiller:
         self.opt_func, self.sched_func, self.betas, self.weight_decay = opt_func, sched_func, betas, weight_decay
         # curricula
         try: self.temperature = temperature if isinstance(temperature, TemperatureSchedule) else (
-                 TemperatureSchedule() if temperature is None else TemperatureSchedule(schedule=temperature))
+                 TemperatureSchedule(schedule=DEFAULT_RECIPE["temperature"] if temperature is None else temperature))
         except ValueError as e: raise ValueError(f"temperature: {e}") from None
-        if curriculum is None: curriculum = Curriculum()
+        if curriculum is None: curriculum = Curriculum(DEFAULT_RECIPE["curriculum"])
         elif isinstance(curriculum, Mapping): curriculum = Curriculum(curriculum)
         elif not isinstance(curriculum, Curriculum):
             raise ValueError(f"curriculum: expected a Curriculum, a dict of weight specs or None, got {type(curriculum).__name__}")
@@ -565,6 +569,7 @@ def _eval_model(self: Distiller, model, *, kd: bool = True, max_batches=None, dl
     sums = torch.zeros(3, device=acc.device, dtype=torch.float64)   # lm sum, kd sum, tokens
     for i, b in enumerate(self.valid_dl if dl is None else dl):
         if max_batches is not None and i >= max_batches: break
+        b = {k: v.to(acc.device) for k, v in b.items()}
         ids, mask = b["input_ids"], b.get("attention_mask")
         with acc.autocast():
             s_logits = model(input_ids=ids, attention_mask=mask).logits
@@ -595,6 +600,15 @@ def evaluate(self: Distiller,
     self.evals.append(self.last_eval)
     self("after_eval")
     return self.last_eval
+
+@patch
+def eval_loss(self: Distiller,
+              dl, # a loader of dict batches (`input_ids`, `labels`, `attention_mask`), e.g. out-of-domain text
+              model=None, # None: the student
+              max_batches: int | None = None,
+             ) -> dict:
+    "LM loss and perplexity of `model` on `dl`, with no side effect on the run (the history, `evals`, callbacks)."
+    return _eval_model(self, self.student if model is None else model, kd=False, max_batches=max_batches, dl=dl)
 
 @patch
 def _eval_every(self: Distiller) -> int: return self.eval_every or max(1, self.n_steps // 4)
@@ -746,7 +760,8 @@ def save_checkpoint(self: Distiller,
                     student=_fingerprint([acc.unwrap_model(self.student)]),
                     components=[c.name for c in self.components],
                     component_params=_fingerprint(self.components),
-                    precision=acc.mixed_precision, grad_accum=self.grad_accum, num_processes=acc.num_processes)
+                    precision=acc.mixed_precision, grad_accum=self.grad_accum, num_processes=acc.num_processes,
+                    run=self.run_info)              # what the caller says the run is (teacher, data, ...): checked on resume
         (tmp / CKPT_META).write_text(json.dumps(meta, indent=1))
         if final.exists(): shutil.rmtree(final)
         os.rename(tmp, final)
