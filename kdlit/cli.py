@@ -140,6 +140,7 @@ def _as_layers(v):
         raise ValueError(f"layers: expected a non-empty list of layer indices >= 0, got {v!r}")
     return list(v)
 
+# %% ../nbs/08_cli.ipynb #dc19c9fc
 def _as_paths(v, k="data"):
     if v is None: return None
     if isinstance(v, (str, os.PathLike)): v = [v]
@@ -169,6 +170,7 @@ def _as_ood(v, k):
     if isinstance(v, (str, os.PathLike)) and str(v).lower() in ("auto", "none", "stdlib"): return str(v).lower()
     return _as_paths(v, "ood")
 
+# %% ../nbs/08_cli.ipynb #dc1919bf
 def _as_precision(v, k):
     if v is False or (isinstance(v, str) and v.lower() in ("false", "fp32")): v = "no"   # YAML 1.1 reads `no` as false
     if v not in PRECISIONS: raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {v!r}")
@@ -210,6 +212,7 @@ def load_config(path # YAML or JSON file with keys among `DEFAULTS`
                                  f"{', '.join(map(repr, unknown))}; known keys: {', '.join(DEFAULTS)}")
     return d
 
+# %% ../nbs/08_cli.ipynb #45280a36
 def resolve_config(config=None, # path of a YAML/JSON config file, or a dict of options
                    **flags, # options given explicitly (None values are ignored)
                   ) -> dict:
@@ -261,12 +264,14 @@ def json_safe(obj, path=""):
         return [p[0] for p in pairs], [b for p in pairs for b in p[1]]
     return obj, []
 
+# %% ../nbs/08_cli.ipynb #9ac97cf9
 def read_summary(rd) -> dict:
     "A run's summary.json as a dict; {} when it is missing or damaged (it is rewritten at the end of every run)."
     try: s = json.loads(rd.summary.read_text())
     except (OSError, ValueError): return {}
     return s if isinstance(s, dict) else {}
 
+# %% ../nbs/08_cli.ipynb #9ac97f91
 class RunDir:
     "Paths of the files a `kdlit distill` run writes into `path`, and the manifest of those it wrote."
     files = dict(config="config.json", history="history.csv", summary="summary.json", health="health.md",
@@ -328,6 +333,7 @@ def write_history(rows, # list of dicts, one per step (nested dicts are flattene
         for r in rows: w.writerow([_cell(r.get(c)) for c in cols])
     os.replace(tmp, path)
 
+# %% ../nbs/08_cli.ipynb #70fe0f99
 def _parse(s):
     if s == "": return None
     try: return int(s)
@@ -390,6 +396,7 @@ def plot_losses(rows, summary=None):
     ax.legend(fontsize="small"); ax.grid(alpha=.3)
     return fig
 
+# %% ../nbs/08_cli.ipynb #87309a13
 def plot_perplexity(rows, summary=None):
     "Validation perplexity of the student at each evaluation, with the teacher's as the floor to aim at."
     fig, (ax,) = _figure()
@@ -421,6 +428,7 @@ def plot_schedule(rows, summary=None):
 
 PLOTS = dict(losses=plot_losses, perplexity=plot_perplexity, schedule=plot_schedule)
 
+# %% ../nbs/08_cli.ipynb #8730e2ee
 def plot_run(run_dir) -> list[pathlib.Path]:
     "Draw every plot of `PLOTS` from the run directory's history (and summary) into `run_dir/plots/*.png`."
     rd = RunDir(run_dir)
@@ -458,6 +466,7 @@ def headline_table(summary:dict) -> str:
             for name, v, o in models if v is not None]
     return _table(("model", "validation LM loss", "perplexity", "band") + (("out-of-domain perplexity",) if ood else ()), rows)
 
+# %% ../nbs/08_cli.ipynb #7119a811
 def verdict(summary:dict) -> str|None:
     "One line: did distillation beat the CE-only baseline, in perplexity, in-domain and out-of-domain? (None: no baseline)"
     s, b = summary, summary.get("baseline") or {}
@@ -486,6 +495,7 @@ def summary_lines(summary:dict) -> list[str]:
              f"wall time                 {_dur(s.get('wall_s'))}" + (f" ({s['s_per_step']:.2f} s/step)" if s.get("s_per_step") else "")]
     return lines
 
+# %% ../nbs/08_cli.ipynb #7119b156
 def render_report(run_dir, # a `kdlit distill` output directory
                   plots:bool=True, # redraw the PNGs too
                  ) -> str:
@@ -563,6 +573,7 @@ def run_info(cfg:dict) -> dict:
     "What a checkpoint records of the run it continues: the teacher, the data and its batches (`RUN_KEYS`)."
     return {k: cfg[k] for k in RUN_KEYS}
 
+# %% ../nbs/08_cli.ipynb #5695f0cb
 def _check_checkpoint(ck:pathlib.Path, cfg:dict):
     "The checkpoint `--resume` names must be complete and readable: checked here, before any model loads."
     from kdlit.distiller import find_checkpoint, CKPT_META, CKPT_STATE
@@ -585,6 +596,7 @@ def checkpoint_dir(cfg:dict) -> pathlib.Path|None:
     if r is None: return None
     return RunDir(cfg["out"]).checkpoint if r in ("auto", "") else pathlib.Path(r).expanduser()
 
+# %% ../nbs/08_cli.ipynb #5695e08d
 def check_inputs(cfg:dict):
     "Check every path in a resolved config before anything is loaded; ValueError with one line otherwise."
     t = cfg["teacher"]
@@ -708,6 +720,7 @@ def fresh_student(cfg:dict, teacher, layers):
     from kdlit.models import make_student
     return make_student(teacher, layers=layers)
 
+# %% ../nbs/08_cli.ipynb #1d4b2410
 def _texts(cfg:dict):
     "The corpus source for `make_loaders`: None (embedded), a list of texts, or a datasets object"
     from kdlit.data import load_texts
@@ -734,6 +747,7 @@ def ood_source(cfg:dict):
     if o == "auto": o = "stdlib" if cfg["data"] is None and cfg["dataset"] is None and hasattr(kdlit.data, "stdlib_docstrings") else "none"
     return None if o == "none" else o
 
+# %% ../nbs/08_cli.ipynb #1d4bcfd0
 def ood_loader(cfg:dict, tok, n_blocks:int):
     "`(loader of at most n_blocks blocks of out-of-domain text, its description)`, or `(None, None)` without one."
     import kdlit.data as kdata
@@ -770,11 +784,12 @@ def _health_md(d) -> str:
     return "\n".join(["Health monitor (`kdlit.metrics.HealthMonitor`):", "", "```text", d.monitor.summary(), "```", "",
                       "Step guard (`kdlit.safeguards.StepGuard`):", "", "```text", d.guard.report(), "```"])
 
+# %% ../nbs/08_cli.ipynb #94c2cedf
 def write_run(d, cfg:dict, rd:RunDir, info:dict, finished:bool=True, extra:dict|None=None, save_student:bool=True) -> dict:
     "Write history.csv, summary.json, health.md, the plots and report.md (and the student if finished); returns the summary."
     import torch, transformers
     from kdlit import __version__
-    if finished and (not d.evals or d.evals[-1]["step"] != d.step): d.evaluate()  # "after N steps" is the saved student
+    if finished and (not d.evals or d.evals[-1]["step"] != d.step): d.evaluate(cfg["eval_batches"])  # "after N steps": the saved student
     ev, t = d.evals, d.teacher_eval or {}
     rows = ([dict(step=0, **{k: v for k, v in ev[0].items() if k != "step"})] if ev and ev[0]["step"] == 0 else []) + d.history
     if d.accelerator.is_main_process: write_history(rows, rd.history)
@@ -822,15 +837,16 @@ def terminal_progress():
 
 # %% ../nbs/08_cli.ipynb #14becce0
 def _make_distiller(cfg:dict, teacher, student, dls, tok, *, curriculum, ckpt_dir, tty:bool, comps=()):
-    from kdlit.distiller import Distiller, make_accelerator
+    from kdlit.distiller import Distiller, make_accelerator, EvalCB, CheckpointCB, ProgressCB, ScheduleCB
     try:
         acc = make_accelerator(cfg["precision"], cpu=True) if cfg["device"] == "cpu" else None
         return Distiller(teacher, student, dls, tokenizer=tok, components=comps, curriculum=curriculum,
                          temperature=cfg["temperature"], divergence=cfg["divergence"], beta=cfg["beta"], lr=cfg["lr"],
                          grad_accum=cfg["grad_accum"], precision=cfg["precision"], fused=dict(auto=None, on=True, off=False)[cfg["fused"]],
-                         eval_every=cfg["eval_interval"], eval_batches=cfg["eval_batches"], ckpt_dir=ckpt_dir,
-                         ckpt_every=cfg["ckpt_interval"], log_every=cfg["log_interval"], curriculum_every=cfg["log_interval"],
-                         progress=False if tty else None, cbs=terminal_progress() if tty else (), accelerator=acc)
+                         accelerator=acc, cbs=[EvalCB(every=cfg["eval_interval"], batches=cfg["eval_batches"]),
+                                               CheckpointCB(ckpt_dir, every=cfg["ckpt_interval"]), ScheduleCB(every=cfg["log_interval"]),
+                                               ProgressCB(every=cfg["log_interval"], bar=False if tty else None),
+                                               *(terminal_progress() if tty else ())])
     except ValueError as e: raise CliError(_one_line(e)) from None
 
 @contextlib.contextmanager
@@ -842,7 +858,8 @@ def _no_interrupt():
     finally:
         for s, h in old: signal.signal(s, h)
 
-def _fit(d, cfg:dict, ck, record, rd:RunDir, what:str="training"):
+# %% ../nbs/08_cli.ipynb #14be724b
+def _fit(d, cfg:dict, ck, record, rd:RunDir, ckpt_dir:pathlib.Path, what:str="training"):
     "`d.fit` to `cfg['steps']`; on Ctrl-C or divergence: `record()` (uninterruptible), a one-line resume hint, re-raise."
     from kdlit.safeguards import TrainingDiverged
     try: d.fit(cfg["steps"], resume=ck)
@@ -852,8 +869,8 @@ def _fit(d, cfg:dict, ck, record, rd:RunDir, what:str="training"):
     except (KeyboardInterrupt, TrainingDiverged) as e:
         with _no_interrupt():
             record()
-            latest = (d.ckpt_dir/"latest").read_text().strip() if (d.ckpt_dir/"latest").exists() else None
-            where = f"the last checkpoint ({latest}) is in {d.ckpt_dir}" if latest else "no checkpoint was written yet"
+            latest = (ckpt_dir/"latest").read_text().strip() if (ckpt_dir/"latest").exists() else None
+            where = f"the last checkpoint ({latest}) is in {ckpt_dir}" if latest else "no checkpoint was written yet"
             _err(f"\nkdlit distill: {what} {'interrupted' if isinstance(e, KeyboardInterrupt) else 'diverged'} at step {d.step}; "
                  f"{where}; continue with: kdlit distill --out {rd.path} --resume")
         if isinstance(e, TrainingDiverged): raise CliError(f"training diverged at step {d.step}: {_one_line(e)}") from e
@@ -877,6 +894,7 @@ def _ood_evals(cfg:dict, d, teacher, tok, layers) -> dict:
     d.ood_dl = dl
     return out
 
+# %% ../nbs/08_cli.ipynb #b5e11b37
 def _baseline(cfg:dict, rd:RunDir, d, teacher, tok, layers, resume:bool, tty:bool, on_stop) -> dict:
     "Train the CE-only student (kd 0, lm 1) from the same start, on the same batches, steps, optimizer and schedule."
     import torch
@@ -889,8 +907,8 @@ def _baseline(cfg:dict, rd:RunDir, d, teacher, tok, layers, resume:bool, tty:boo
     b.log("[BASELINE] the same student trained on cross-entropy alone (kd 0, lm 1), for comparison")
     hist = lambda: b.accelerator.is_main_process and write_history(b.history, bd.history)
     _fit(b, cfg, bd.checkpoint if resume and (bd.checkpoint/"latest").exists() else None,
-         lambda: (hist(), on_stop(dict(finished=False, steps_done=b.step))), rd, "the CE-only baseline")
-    if b.evals[-1]["step"] != b.step: b.evaluate()
+         lambda: (hist(), on_stop(dict(finished=False, steps_done=b.step))), rd, bd.checkpoint, "the CE-only baseline")
+    if b.evals[-1]["step"] != b.step: b.evaluate(cfg["eval_batches"])
     hist()
     t, times = d.teacher_eval["val_lm"], [r["step_time"] for r in b.history]
     out = dict(after_loss=b.evals[-1]["val_lm"], steps_done=b.step, evals=[[e["step"], e["val_lm"]] for e in b.evals],
@@ -931,7 +949,7 @@ def _distill(config, flags:dict) -> dict:
     tty = _IN_MAIN.get() and not _in_notebook() and sys.stdout.isatty() and main_proc
     d = _make_distiller(cfg, teacher, student, dls, tok, curriculum=cfg["curriculum"], ckpt_dir=rd.checkpoint, tty=tty, comps=comps)
     d.run_info = run_info(cfg)
-    _fit(d, cfg, ck, lambda: write_run(d, cfg, rd, info, finished=False), rd)
+    _fit(d, cfg, ck, lambda: write_run(d, cfg, rd, info, finished=False), rd, rd.checkpoint)
     extra = dict(ood=_ood_evals(cfg, d, teacher, tok, layers))
     s = write_run(d, cfg, rd, info, extra=extra)
     if cfg["baseline"] == "ce":
@@ -1034,6 +1052,7 @@ def _sigterm(signum, frame): raise KeyboardInterrupt(f"signal {signum}")
 
 _IN_MAIN = ContextVar("kdlit_cli_main", default=False)  # True while `main` runs a command
 
+# %% ../nbs/08_cli.ipynb #081f56fc
 def main(argv:list|None=None, # arguments after `kdlit` (default: sys.argv[1:])
         ) -> int:
     "The `kdlit` console script: dispatch to a command; user errors print one line on stderr and return non-zero."

@@ -406,3 +406,14 @@ def test_resume_with_other_data_or_batches_is_refused(run, assets, tmp_path):
     (tmp_path / "other.txt").write_text(TEXT * 40)
     line = _one_line_failure(kdlit("distill", "--out", out, "--resume", "--steps", 10, "--data", tmp_path / "other.txt"))
     assert "data" in line
+
+
+def test_resume_into_the_baseline_phase(assets, tmp_path):
+    "A run whose distillation is done continues into the CE-only baseline with --resume (a killed run resumes there too)."
+    out = tmp_path / "rb"
+    assert kdlit(*tiny_args(assets, out, 4)).returncode == 0
+    r = kdlit("distill", "--out", out, "--resume", "--baseline", "ce")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps_done"] == 4 and s["baseline"]["finished"] and s["baseline"]["steps_done"] == 4
+    assert (out / "baseline/checkpoint/latest").exists() and "CE-only baseline after 4 steps" in (out / "report.md").read_text()
