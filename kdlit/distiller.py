@@ -16,17 +16,19 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from matplotlib.figure import Figure
 
-from .losses import kd_loss, lm_loss, fused_kd_loss
-from .schedules import TemperatureSchedule, Curriculum, make_schedule
+from fastcore.basics import patch
+
+from .losses import kd_loss, lm_loss, fused_kd_loss, DIVERGENCES
+from .schedules import TemperatureSchedule, Curriculum, make_schedule, linear, cosine, combine
 from .safeguards import StepGuard, LogitRangeMonitor
 from .metrics import perplexity, format_ppl, ppl_band, HealthMonitor
 from .models import check_pair
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'CKPT_META', 'CKPT_STATE', 'CKPT_LATEST', 'CKPT_FORMAT', 'CancelFitException', 'Callback', 'run_cbs',
-           'WarmupCosine', 'next_token', 'count_tokens', 'make_accelerator', 'BatchStream', 'Distiller', 'ScheduleCB',
-           'GuardCB', 'HistoryCB', 'EvalCB', 'HealthCB', 'ProgressCB', 'find_checkpoint', 'CheckpointCB',
-           'plain_for_saving']
+__all__ = ['PRECISIONS', 'DEFAULT_RECIPE', 'CKPT_META', 'CKPT_STATE', 'CKPT_LATEST', 'CKPT_FORMAT', 'CancelFitException',
+           'Callback', 'run_cbs', 'adamw', 'warmup_cosine', 'shift_labels', 'count_tokens', 'make_accelerator',
+           'BatchStream', 'Distiller', 'LossSource', 'LogitsKD', 'FusedKD', 'ScheduleCB', 'GuardCB', 'HistoryCB',
+           'EvalCB', 'HealthCB', 'ProgressCB', 'find_checkpoint', 'CheckpointCB', 'plain_for_saving']
 
 # %% ../nbs/07_distiller.ipynb #24336d19
 class CancelFitException(Exception):
@@ -56,36 +58,50 @@ def run_cbs(cbs, # callbacks
         if method is not None: method(learn)
 
 # %% ../nbs/07_distiller.ipynb #9dab525d
-class WarmupCosine:
-    """LR multiplier at optimizer step `i`: linear warm-up over `warmup` steps, then cosine down to `min_frac` at `total`.
+def adamw(betas=(0.9, 0.95), # AdamW betas
+          weight_decay: float = 0.0, # AdamW weight decay
+         ):
+    "The default `opt_func(params, lr)`: AdamW with these settings."
+    return lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
-    >>> f = WarmupCosine(warmup=2, total=10, min_frac=0.1)
+def warmup_cosine(warmup=0.05, # LR warm-up: a fraction of the steps (< 1) or a number of steps (int >= 0)
+                  min_frac: float = 0.1, # the cosine ends at lr * min_frac
+                 ):
+    """The default `sched_func(optimizer, total_steps)`: a linear warm-up to the peak LR, then a cosine down to `min_frac`,
+    as a `kdlit.schedules` schedule of progress (`combine` of `linear` and `cosine`) at step `i` = progress `i / total`.
+
+    >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    >>> f = warmup_cosine(warmup=2)(opt, 10).lr_lambdas[0]
     >>> [round(f(i), 3) for i in (0, 1, 2, 6, 10)]
     [0.5, 1.0, 1.0, 0.55, 0.1]
     """
-    def __init__(self, warmup: int, total: int, min_frac: float = 0.1):
-        self.warmup, self.total, self.min_frac = int(warmup), int(total), float(min_frac)
-    def __call__(self, i: int) -> float:
-        if i < self.warmup: return (i + 1) / self.warmup
-        span = max(self.total - self.warmup, 1)
-        q = min(max((i - self.warmup) / span, 0.0), 1.0)
-        return self.min_frac + (1 - self.min_frac) * 0.5 * (1 + math.cos(math.pi * q))
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0 or (isinstance(warmup, float) and warmup >= 1):
+        raise ValueError(f"warmup: expected a fraction in [0, 1) or an int number of steps >= 0, got {warmup!r}")
+    if isinstance(min_frac, bool) or not isinstance(min_frac, (int, float)) or not 0 <= min_frac <= 1:
+        raise ValueError(f"min_frac: expected a number in [0, 1], got {min_frac!r}")
+    def sched_func(opt, total: int):
+        w = warmup if isinstance(warmup, int) else int(round(warmup * total))
+        ramp = linear(1 / max(w, 1), 1 + 1 / max(w, 1))              # (i + 1) / w at step i < w
+        s = (cosine(1.0, min_frac) if w == 0 else ramp if w >= total else
+             combine([w / total, 1 - w / total], [ramp, cosine(1.0, min_frac)]))
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(s(i / total), 1.0))
+    return sched_func
 
 # %% ../nbs/07_distiller.ipynb #1add1de6
-def next_token(logits, # `[B, S, V]` logits (or None)
-               labels, # `[B, S]` unshifted labels (a copy of `input_ids`, -100 where ignored)
-               attention_mask=None, # `[B, S]`: positions with 0 are ignored as targets too
-               ignore_index: int = -100,
-              ):
-    """The next-token shift, done once: `(logits[:, :-1], labels[:, 1:])`, padded targets set to `ignore_index`.
+def shift_labels(labels, # `[B, S]` unshifted labels (a copy of `input_ids`, -100 where ignored)
+                 attention_mask=None, # `[B, S]`: positions with 0 are ignored as targets too
+                 ignore_index: int = -100,
+                ):
+    """Next-token targets aligned with every position, the last one ignored: shift the labels, not the logits.
+    `logits[:, i]` predicts `y[:, i] = labels[:, i + 1]`, so the `[B, S, V]` logits are used whole and never copied.
 
-    >>> s, y = next_token(torch.zeros(1, 4, 3), torch.tensor([[5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 0]]))
-    >>> tuple(s.shape), y.tolist()
-    ((1, 3, 3), [[6, 7, -100]])
+    >>> shift_labels(torch.tensor([[5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 0]])).tolist()
+    [[6, 7, -100, -100]]
     """
-    y = labels[:, 1:]
-    if attention_mask is not None: y = y.masked_fill(attention_mask[:, 1:] == 0, ignore_index)
-    return (None if logits is None else logits[:, :-1]), y
+    y = torch.full_like(labels, ignore_index)
+    y[:, :-1] = labels[:, 1:]
+    if attention_mask is not None: y[:, :-1].masked_fill_(attention_mask[:, 1:] == 0, ignore_index)
+    return y
 
 def count_tokens(batches, # micro-batches: dicts with `labels` (and optionally `attention_mask`)
                  ignore_index: int = -100) -> int:
@@ -94,8 +110,7 @@ def count_tokens(batches, # micro-batches: dicts with `labels` (and optionally `
     >>> count_tokens([dict(labels=torch.tensor([[1, 2, -100, 4]])), dict(labels=torch.ones(2, 3, dtype=torch.long))])
     6
     """
-    return sum(int((next_token(None, b["labels"], b.get("attention_mask"), ignore_index)[1] != ignore_index).sum())
-               for b in batches)
+    return sum(int((shift_labels(b["labels"], b.get("attention_mask"), ignore_index) != ignore_index).sum()) for b in batches)
 
 # %% ../nbs/07_distiller.ipynb #cf889650
 PRECISIONS = ("no", "fp16", "bf16")
@@ -109,6 +124,7 @@ def _precision(precision):
 
 _SCALER_KEYS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled")
 
+# %% ../nbs/07_distiller.ipynb #cf88275c
 def make_accelerator(precision=None, # "no", "fp16", "bf16", or None: from `accelerate launch` / the environment
                      *,
                      grad_scaler: dict | None = None, # fp16 `GradScaler` settings, e.g. `dict(init_scale=2.0**8)`
@@ -162,6 +178,9 @@ class BatchStream:
                 for _ in range(n): next(self.it)
 
 # %% ../nbs/07_distiller.ipynb #5330fbdb
+DEFAULT_RECIPE = dict(curriculum=dict(kd=1.0, lm=0.0), temperature=["linear", 2.0, 1.5], divergence="forward_kl")
+"The default loss recipe of the `Distiller` and of `kdlit distill` (the seed's: pure KD, T 2.0 → 1.5): change it here, once."
+
 def _int(v, name, lo=1):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
@@ -177,6 +196,7 @@ def _always_zero(sched, n=101) -> bool:
     "Is this weight schedule 0 for every p in [0, 1]?"
     return all(sched(i / (n - 1)) == 0 for i in range(n)) and all(sched(p) == 0 for p in getattr(sched, "knots", lambda: [])())
 
+# %% ../nbs/07_distiller.ipynb #5330fe60
 def _fused_head(model, name) -> nn.Module:
     "`model`'s output head if `fused=True` can use it (a bias-free `nn.Linear`, no logit soft-capping/scaling, a decoder), else a ValueError."
     get = getattr(model, "get_output_embeddings", None)
@@ -201,146 +221,104 @@ def _fused_heads(student, teacher, kd):
     _fused_head(student, "student")
     if kd: _fused_head(teacher, "teacher")
 
+# %% ../nbs/07_distiller.ipynb #53306117
+def _use_fused(fused, student, teacher, kd: bool, acc) -> bool:
+    "Resolve `fused` (True, False, None: wherever it applies) for these models on this accelerator."
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"fused: expected True, False or None (on where it applies), got {fused!r}")
+    if fused:
+        _fused_heads(student, teacher, kd)
+        if acc.num_processes > 1: raise ValueError("fused=True: runs on one process only (the decoder is called past the DDP wrapper); use fused=False")
+        return True
+    if fused is None:                                      # on wherever it applies (see "Fused" below)
+        try: _fused_heads(student, teacher, kd); return acc.num_processes == 1 and acc.mixed_precision != "fp16"
+        except ValueError: return False
+    return False
+
+def _check_components(components, curriculum) -> list:
+    "Alignment components as a list, each an `nn.Module` with a distinct `name` among the curriculum's alignment weights."
+    out, seen = list(components), set()
+    for c in out:
+        nm = getattr(c, "name", None)
+        if not isinstance(c, nn.Module) or nm is None:
+            raise ValueError(f"components: each must be an nn.Module with a `name` (curriculum key), got {type(c).__name__}")
+        if nm in ("kd", "lm") or nm not in curriculum.names:
+            raise ValueError(f"components: {type(c).__name__} has name {nm!r}, which is not an alignment weight of the "
+                             f"curriculum; expected one of {[n for n in curriculum.names if n not in ('kd', 'lm')]}")
+        if nm in seen: raise ValueError(f"components: two components share the name {nm!r} (each weight scales one loss)")
+        seen.add(nm)
+    return out
 
 # %% ../nbs/07_distiller.ipynb #bfe56c7d
 class Distiller:
     "Distil `teacher` into `student` on `dls` with the curricula, the guards and the callbacks described above."
-    EVENTS = ("before_fit", "before_step", "after_loss", "after_backward", "after_clip", "after_opt_step",
+    EVENTS = ("after_create", "before_fit", "before_step", "after_loss", "after_backward", "after_clip", "after_opt_step",
               "after_step", "after_eval", "after_fit", "after_cancel_fit", "cleanup_fit")
     def __init__(self, teacher: nn.Module, # frozen teacher (Hugging Face causal LM); put in eval mode, never trained
                  student: nn.Module, # trainable student (Hugging Face causal LM) with the teacher's tokenizer
                  dls, # `kdlit.data.DataLoaders` (or anything with `.train` and `.valid` loaders of dict batches)
                  *,
-                 tokenizer=None, # saved with the student by `save_pretrained` (default: `dls.tokenizer`)
+                 curriculum=None, # `Curriculum`, dict of weight specs, or None: `DEFAULT_RECIPE`'s (see `kdlit.schedules`)
+                 temperature=None, # `TemperatureSchedule`, number or spec; None: `DEFAULT_RECIPE`'s
+                 divergence: str | None = None, # `kd_loss` divergence, one of `kdlit.losses.DIVERGENCES`; None: `DEFAULT_RECIPE`'s
+                 beta: float = 0.5, # β of the generalized JSD (`divergence="jsd"`)
                  components: Sequence[nn.Module] = (), # alignment losses (CONTRACTS.md protocol), weighted by `name`
-                 curriculum=None, # `Curriculum`, dict of weight specs, or None: kd=1 (lm=0), see `kdlit.schedules`
-                 temperature=None, # `TemperatureSchedule`, number or spec; None: linear 2.0 -> 1.5
-                 divergence: str = "forward_kl", # `kd_loss` divergence
-                 fused: bool | None = None, # kd + lm from hidden states block by block with `fused_kd_loss`, never materialising the student's [N, V] logits (needs plain linear heads: no bias / soft-capping; one process); None: on wherever it applies, except fp16 (whose logit watch needs the logits); False: off
+                 fused: bool | None = None, # the loss interface: `FusedKD` (True), `LogitsKD` (False), or None: fused wherever it applies (plain linear heads, one process, not fp16)
                  lr: float = 3e-4, # peak learning rate
-                 weight_decay: float = 0.0, # AdamW weight decay
-                 betas=(0.9, 0.95), # AdamW betas
-                 opt_func=None, # callable(params, lr) -> optimizer; None: AdamW
-                 warmup=0.05, # LR warm-up: a fraction of the steps (< 1) or a number of steps (int >= 1)
-                 min_lr_frac: float = 0.1, # the cosine ends at lr * min_lr_frac
-                 sched_func=None, # callable(optimizer, total_steps) -> LR scheduler; None: `WarmupCosine`
                  grad_accum: int = 1, # micro-batches per optimizer step
                  max_grad_norm: float | None = 1.0, # clip the global gradient norm (None: measure only)
+                 opt_func=None, # callable(params, lr) -> optimizer; None: `adamw()`
+                 sched_func=None, # callable(optimizer, total_steps) -> LR scheduler; None: `warmup_cosine()`
                  precision=None, # "no" (fp32), "fp16", "bf16", or None: as configured by `accelerate launch`
-                 eval_every: int | None = None, # evaluate every N steps (and always at the end); None: 4 times per fit
-                 eval_batches: int | None = None, # validation batches per evaluation (None: all)
-                 eval_at_start: bool = True, # evaluate the student (and the teacher, once) before training
-                 ckpt_dir=None, # directory for checkpoints (None: no checkpoints)
-                 ckpt_every: int | None = None, # checkpoint every N steps (and at the end); None: only at the end
-                 keep: int = 1, # checkpoints kept in `ckpt_dir`
-                 log_every: int | None = None, # a text log line every N steps; None: about 20 per fit
-                 curriculum_every: int | None = None, # the `[CURRICULUM]` line every N steps; None: with evaluations
-                 guard: StepGuard | None = None, # None: `StepGuard()`
-                 monitor: HealthMonitor | None = None, # None: a `HealthMonitor` that prints its warnings
-                 progress: bool | None = None, # fastprogress bar + live loss plot (None: only in notebooks)
+                 accelerator: Accelerator | None = None, # instead of `make_accelerator(precision)` (e.g. one with `grad_scaler=`)
+                 cbs: Sequence[Callback] = (), # callbacks; one of a default's class replaces it, e.g. `EvalCB(every=10)`
+                 tokenizer=None, # saved with the student by `save_pretrained` (default: `dls.tokenizer`)
                  verbose: bool = True, # print log lines, evaluations and the closing summary
-                 cbs: Sequence[Callback] = (), # more callbacks
-                 accelerator: Accelerator | None = None, # an `Accelerator` to use instead of `make_accelerator(precision)`
-                 grad_scaler: dict | None = None, # fp16 GradScaler settings, e.g. `dict(init_scale=2.0**8)` (see `make_accelerator`)
                 ):
         for nm, m in (("teacher", teacher), ("student", student)):
             if not isinstance(m, nn.Module): raise ValueError(f"{nm}: expected a torch nn.Module (a causal LM), got {type(m).__name__}")
         if not (hasattr(dls, "train") and hasattr(dls, "valid")):
             raise ValueError(f"dls: expected an object with .train and .valid data loaders (kdlit.data.make_loaders), got {type(dls).__name__}")
-        self.grad_accum = _int(grad_accum, "grad_accum")
-        self.lr, self.min_lr_frac = _pos(lr, "lr"), float(min_lr_frac)
-        if not 0 <= self.min_lr_frac <= 1: raise ValueError(f"min_lr_frac: expected a number in [0, 1], got {min_lr_frac!r}")
-        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or warmup < 0 or (isinstance(warmup, float) and warmup >= 1):
-            raise ValueError(f"warmup: expected a fraction in [0, 1) or an int number of steps >= 0, got {warmup!r}")
-        self.warmup, self.max_grad_norm = warmup, _pos(max_grad_norm, "max_grad_norm", none_ok=True)
-        self.eval_every = None if eval_every is None else _int(eval_every, "eval_every")
-        self.eval_batches = None if eval_batches is None else _int(eval_batches, "eval_batches")
-        self.ckpt_every = None if ckpt_every is None else _int(ckpt_every, "ckpt_every")
-        if self.ckpt_every is not None and ckpt_dir is None: raise ValueError("ckpt_every needs ckpt_dir (where to write checkpoints)")
-        self.keep = _int(keep, "keep")
-        self.log_every = None if log_every is None else _int(log_every, "log_every")
-        self.curriculum_every = None if curriculum_every is None else _int(curriculum_every, "curriculum_every")
-        self.ckpt_dir = None if ckpt_dir is None else pathlib.Path(ckpt_dir)
-        self.divergence, self.eval_at_start, self.verbose = divergence, eval_at_start, verbose
-        self.opt_func, self.sched_func, self.betas, self.weight_decay = opt_func, sched_func, betas, weight_decay
-        # curricula
-        try: self.temperature = temperature if isinstance(temperature, TemperatureSchedule) else (
-                 TemperatureSchedule() if temperature is None else TemperatureSchedule(schedule=temperature))
-        except ValueError as e: raise ValueError(f"temperature: {e}") from None
-        if curriculum is None: curriculum = Curriculum()
-        elif isinstance(curriculum, Mapping): curriculum = Curriculum(curriculum)
-        elif not isinstance(curriculum, Curriculum):
-            raise ValueError(f"curriculum: expected a Curriculum, a dict of weight specs or None, got {type(curriculum).__name__}")
-        self.curriculum = curriculum
-        # components (alignment protocol)
-        self.components = list(components)
-        seen = set()
-        for c in self.components:
-            nm = getattr(c, "name", None)
-            if not isinstance(c, nn.Module) or nm is None:
-                raise ValueError(f"components: each must be an nn.Module with a `name` (curriculum key), got {type(c).__name__}")
-            if nm in ("kd", "lm") or nm not in curriculum.names:
-                raise ValueError(f"components: {type(c).__name__} has name {nm!r}, which is not an alignment weight of the "
-                                 f"curriculum; expected one of {[n for n in curriculum.names if n not in ('kd', 'lm')]}")
-            if nm in seen: raise ValueError(f"components: two components share the name {nm!r} (each weight scales one loss)")
-            seen.add(nm)
-        self.active = {n: not _always_zero(curriculum[n]) for n in curriculum.names}
-        if not any(self.active[n] for n in ("kd", "lm", *seen)):
-            raise ValueError(f"curriculum: every weight of kd, lm{''.join(', ' + n for n in seen)} is 0 for all p; nothing to train")
-        live = [c for c in self.components if self.active[c.name]]
-        self.need_hidden = any(c.needs_hidden_states for c in live)
-        self.need_attn = any(c.needs_attentions for c in live)
-        self.need_teacher = self.active["kd"] or bool(live)
-        # models
+        self.grad_accum, self.lr = _int(grad_accum, "grad_accum"), _pos(lr, "lr")
+        self.max_grad_norm, self.verbose = _pos(max_grad_norm, "max_grad_norm", none_ok=True), verbose
+        self.opt_func, self.sched_func = opt_func or adamw(), sched_func or warmup_cosine()
+        for k, f in (("opt_func", self.opt_func), ("sched_func", self.sched_func)):
+            if not callable(f): raise ValueError(f"{k}: expected a callable, got {f!r}")
+        self.run_info = {}                 # recorded in checkpoints: e.g. the teacher, data, seq_len and batch_size of a CLI run
+        self._set_recipe(curriculum, temperature, divergence, beta, components)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(dls, "tokenizer", None)
         self.vocab_size = check_pair(teacher, student, self.tokenizer)
-        if fused is not None and not isinstance(fused, bool):
-            raise ValueError(f"fused: expected True, False or None (on where it applies), got {fused!r}")
-        if fused: _fused_heads(student, teacher, self.active["kd"])
         if self.need_attn:
             from kdlit.alignment import ensure_attentions
             ensure_attentions(teacher); ensure_attentions(student)
-        if accelerator is not None and grad_scaler is not None:
-            raise ValueError("grad_scaler: pass it to make_accelerator for your own accelerator, not beside accelerator=")
-        self.accelerator = accelerator if accelerator is not None else make_accelerator(precision, grad_scaler=grad_scaler)
-        acc = self.accelerator
-        if fused and acc.num_processes > 1:
-            raise ValueError("fused=True: runs on one process only (the decoder is called past the DDP wrapper); use fused=False")
-        if fused is None:                                      # on wherever it applies (see "Fused" below)
-            try: _fused_heads(student, teacher, self.active["kd"]); fused = acc.num_processes == 1 and acc.mixed_precision != "fp16"
-            except ValueError: fused = False
-        self.fused, self.fused_loss = fused, None
+        self.accelerator = acc = accelerator if accelerator is not None else make_accelerator(precision)
+        self.fused = _use_fused(fused, student, teacher, self.active["kd"], acc)
+        self.loss_fn = FusedKD() if self.fused else LogitsKD()   # the loss interface
         self.teacher = teacher.to(acc.device).eval().requires_grad_(False)
         self.student = acc.prepare(student.train())
         self.component_modules = [acc.prepare(c) if any(True for _ in c.parameters()) else c.to(acc.device)
                                   for c in self.components]    # as called (DDP-wrapped when distributed)
         self.params = [p for m in (self.student, *self.component_modules) for p in m.parameters() if p.requires_grad]
-        opt = (opt_func(self.params, self.lr) if opt_func is not None
-               else torch.optim.AdamW(self.params, lr=self.lr, betas=tuple(betas), weight_decay=weight_decay))
-        self.opt = acc.prepare(opt)
-        self.scaler = acc.scaler
-        # data
+        self.opt, self.scaler = acc.prepare(self.opt_func(self.params, self.lr)), acc.scaler
         self.dls = dls
         self.train_dl, self.valid_dl = acc.prepare(dls.train, dls.valid)
         self.stream = BatchStream(self.train_dl, dls)
-        # features, as callbacks
-        self.guard = guard if guard is not None else StepGuard(on_anomaly=lambda a: self.log(
-            f"[GUARD] step {a.step}: {a.component} is {a.kind} ({a.value:.4g}), "
-            + ("the GradScaler skipped the step" if a.kind == "scaler_overflow" else "optimizer step skipped")))
         self.logit_monitor = LogitRangeMonitor(torch.float16 if acc.mixed_precision == "fp16" else
                                                torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32, on_warn=None)
-        self.monitor = monitor if monitor is not None else HealthMonitor(on_warn=lambda s, r, m: self.log(f"[HEALTH] step {s}: [{r}] {m}"))
-        self.progress = progress
-        self.cbs = [ScheduleCB(), GuardCB(), HistoryCB(), EvalCB(), HealthCB(), ProgressCB()]
-        if self.ckpt_dir is not None: self.cbs.append(CheckpointCB())
-        self.cbs += list(cbs)
+        given = list(cbs)                                      # features, as callbacks: a given one replaces the default
+        self.cbs = [d for d in (ScheduleCB(), GuardCB(), HistoryCB(), EvalCB(), HealthCB(), ProgressCB())
+                    if not any(isinstance(c, type(d)) for c in given)] + given
         self.history, self.evals, self.logs, self.teacher_eval = [], [], [], None
         self.step, self.n_steps, self.sched = 0, None, None
+        self("after_create")                                   # GuardCB, HealthCB: learn.guard, learn.monitor
 
     def __call__(self, event: str):
         "Run the callbacks of `event`."
         run_cbs(self.cbs, event, self)
-    def add_cb(self, cb: Callback): self.cbs.append(cb); return self
+    def add_cb(self, cb: Callback):
+        self.cbs.append(cb)
+        if hasattr(cb, "after_create"): cb.after_create(self)
+        return self
     def remove_cb(self, cls): self.cbs = [c for c in self.cbs if not isinstance(c, cls)]; return self
     def log(self, msg: str):
         "Print `msg` on the main process (if verbose) and keep it in `self.logs`."
@@ -352,132 +330,155 @@ class Distiller:
                 f"grad_accum={self.grad_accum}, components={[c.name for c in self.components]}, "
                 f"callbacks={[type(c).__name__ for c in sorted(self.cbs, key=attrgetter('order'))]})")
 
-# %% ../nbs/07_distiller.ipynb #a09f74bd
-def _compute_losses(self: Distiller, batch: dict, num_items: int) -> dict:
-    "Raw loss components of one micro-batch (tensors), token losses divided by `num_items`."
-    if self.fused: return _fused_losses(self, batch, num_items)
-    ids, mask = batch["input_ids"], batch.get("attention_mask")
-    kw = dict(output_hidden_states=self.need_hidden, output_attentions=self.need_attn)
-    t_out = None
-    if self.need_teacher:
-        with torch.no_grad(): t_out = self.teacher(input_ids=ids, attention_mask=mask, **kw)
-    s_out = self.student(input_ids=ids, attention_mask=mask, **kw)
-    s, y = next_token(s_out.logits, batch["labels"], mask)
-    t = None if t_out is None else t_out.logits[:, :-1]
-    self.logits = (s, t)
-    w, losses = self.weights, {}
-    def graph(name): return contextlib.nullcontext() if w.get(name, 0) != 0 else torch.no_grad()
-    with graph("lm"): losses["lm"] = lm_loss(s, y, num_items=num_items)
-    if self.active["kd"]:
-        with graph("kd"):
-            losses["kd"] = kd_loss(s, t, y, temperature=self.T, divergence=self.divergence, num_items=num_items,
-                                   vocab_size=self.vocab_size)
-    if self.components:
-        m = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-        frac = (y != -100).sum() / num_items    # component losses are per-micro-batch means: weight by its tokens
-        for c, cm in zip(self.components, self.component_modules):
-            if not self.active[c.name]: continue
-            with graph(c.name): losses[c.name] = cm(s_out, t_out, m) * frac
-    return losses
+# %% ../nbs/07_distiller.ipynb #5e7rec1p
+@patch
+def _set_recipe(self: Distiller, curriculum, temperature, divergence, beta, components):
+    "The loss recipe, checked: temperature and curriculum schedules, divergence, alignment components; what is active."
+    self.divergence = DEFAULT_RECIPE["divergence"] if divergence is None else divergence
+    if self.divergence not in DIVERGENCES: raise ValueError(f"divergence: expected one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+        raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
+    self.beta = float(beta)
+    try: self.temperature = temperature if isinstance(temperature, TemperatureSchedule) else (
+             TemperatureSchedule(schedule=DEFAULT_RECIPE["temperature"] if temperature is None else temperature))
+    except ValueError as e: raise ValueError(f"temperature: {e}") from None
+    if curriculum is None: curriculum = Curriculum(DEFAULT_RECIPE["curriculum"])
+    elif isinstance(curriculum, Mapping): curriculum = Curriculum(curriculum)
+    elif not isinstance(curriculum, Curriculum):
+        raise ValueError(f"curriculum: expected a Curriculum, a dict of weight specs or None, got {type(curriculum).__name__}")
+    self.curriculum, self.components = curriculum, _check_components(components, curriculum)
+    self.active = {n: not _always_zero(curriculum[n]) for n in curriculum.names}
+    names = [c.name for c in self.components]
+    if not any(self.active[n] for n in ("kd", "lm", *names)):
+        raise ValueError(f"curriculum: every weight of kd, lm{''.join(', ' + n for n in names)} is 0 for all p; nothing to train")
+    live = [c for c in self.components if self.active[c.name]]
+    self.need_hidden = any(c.needs_hidden_states for c in live)
+    self.need_attn = any(c.needs_attentions for c in live)
+    self.need_teacher = self.active["kd"] or bool(live)
 
-Distiller.compute_losses = _compute_losses
+# %% ../nbs/07_distiller.ipynb #a09f74bd
+def _graph(w): return contextlib.nullcontext() if w != 0 else torch.no_grad()   # a weight-0 term: logged, no graph
+
+class LossSource:
+    "The loss interface of the step: `src(learn, batch, num_items) -> (loss, logs)`; subclasses give `forward` and `token_losses`."
+    def forward(self, learn, batch): raise NotImplementedError      # -> (student output, teacher output or None)
+    def token_losses(self, learn, s_out, t_out, y, num_items): raise NotImplementedError   # -> (weighted kd + lm, raw logs)
+    def __call__(self, learn, batch: dict, num_items: int):
+        mask = batch.get("attention_mask")
+        y = shift_labels(batch["labels"], mask)
+        s_out, t_out = self.forward(learn, batch)
+        loss, logs = self.token_losses(learn, s_out, t_out, y, num_items)
+        if learn.components:                    # component losses are per-micro-batch means: weight by its tokens
+            m = mask.bool() if mask is not None else torch.ones_like(batch["input_ids"], dtype=torch.bool)
+            frac = (y != -100).sum() / num_items
+            for c, cm in zip(learn.components, learn.component_modules):
+                if not learn.active[c.name]: continue
+                w = learn.weights.get(c.name, 0.0)
+                with _graph(w): v = cm(s_out, t_out, m) * frac
+                logs[c.name] = v.detach()
+                if w != 0: loss = loss + w * v
+        return loss, logs
+
+# %% ../nbs/07_distiller.ipynb #a09f6072
+class LogitsKD(LossSource):
+    "kd and lm from the two models' full logits (`kd_loss`, `lm_loss`)."
+    def forward(self, learn, batch):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        kw = dict(output_hidden_states=learn.need_hidden, output_attentions=learn.need_attn)
+        t_out = None
+        if learn.need_teacher:
+            with torch.no_grad(): t_out = learn.teacher(input_ids=ids, attention_mask=mask, **kw)
+        return learn.student(input_ids=ids, attention_mask=mask, **kw), t_out
+    def token_losses(self, learn, s_out, t_out, y, num_items):
+        s, (wl, wk) = s_out.logits, (learn.weights.get("lm", 0.0), learn.weights.get("kd", 0.0))
+        logs = dict(max_logit_student=s.detach().abs().amax())
+        if t_out is not None: logs["max_logit_teacher"] = t_out.logits.abs().amax()
+        with _graph(wl): lm = lm_loss(s, y, num_items=num_items)
+        loss, logs["lm"] = (wl * lm if wl != 0 else s.new_zeros((), dtype=torch.float32)), lm.detach()
+        if learn.active["kd"]:
+            with _graph(wk): kd = kd_loss(s, t_out.logits, y, temperature=learn.T, divergence=learn.divergence, beta=learn.beta,
+                                          num_items=num_items, vocab_size=learn.vocab_size)
+            logs["kd"] = kd.detach()
+            if wk != 0: loss = loss + wk * kd
+        return loss, logs
 
 # %% ../nbs/07_distiller.ipynb #cb80f21c
-def _fused_losses(self: Distiller, batch: dict, num_items: int) -> dict:
-    "`compute_losses` with `fused=True`: raw kd and lm from hidden states; the weighted sum goes to `self.fused_loss`."
-    ids, mask = batch["input_ids"], batch.get("attention_mask")
-    kw = dict(output_hidden_states=self.need_hidden, output_attentions=self.need_attn)
-    sm = self.accelerator.unwrap_model(self.student)
-    t_out = None
-    if self.need_teacher:
-        with torch.no_grad(): t_out = self.teacher.get_decoder()(input_ids=ids, attention_mask=mask, **kw)
-    s_out = sm.get_decoder()(input_ids=ids, attention_mask=mask, **kw)
-    h, y = next_token(s_out.last_hidden_state, batch["labels"], mask)
-    W = sm.get_output_embeddings().weight
-    self.logits = (None, None)                      # no logits to monitor
-    w, kd_on, losses = self.weights, self.active["kd"], {}
-    if kd_on: teacher = (t_out.last_hidden_state[:, :-1], self.teacher.get_output_embeddings().weight)
-    else: teacher = (h.new_zeros(*h.shape[:-1], 1), W.new_zeros(W.shape[0], 1))   # KD off: a cheap dummy, weight 0
-    kd_w, lm_w = (w.get("kd", 0.0) if kd_on else 0.0), w.get("lm", 0.0)
-    with contextlib.nullcontext() if kd_w != 0 or lm_w != 0 else torch.no_grad():
-        out = fused_kd_loss(h, W, teacher, y, temperature=self.T, divergence=self.divergence, kd_weight=kd_w,
-                            lm_weight=lm_w, num_items=num_items, vocab_size=self.vocab_size if kd_on else None)
-    self.fused_loss = out.loss
-    losses["lm"] = out.lm
-    if kd_on: losses["kd"] = out.kd
-    if self.components:
-        m = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-        frac = (y != -100).sum() / num_items
-        for c, cm in zip(self.components, self.component_modules):
-            if not self.active[c.name]: continue
-            with contextlib.nullcontext() if w.get(c.name, 0) != 0 else torch.no_grad():
-                losses[c.name] = cm(s_out, t_out, m) * frac
-    return losses
-
+class FusedKD(LossSource):
+    "kd and lm from hidden states, block by block (`fused_kd_loss`): the student's `[N, V]` logits never exist at once."
+    def forward(self, learn, batch):
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        kw = dict(output_hidden_states=learn.need_hidden, output_attentions=learn.need_attn)
+        t_out = None
+        if learn.need_teacher:
+            with torch.no_grad(): t_out = learn.teacher.get_decoder()(input_ids=ids, attention_mask=mask, **kw)
+        return learn.accelerator.unwrap_model(learn.student).get_decoder()(input_ids=ids, attention_mask=mask, **kw), t_out
+    def token_losses(self, learn, s_out, t_out, y, num_items):
+        h, W = s_out.last_hidden_state, learn.accelerator.unwrap_model(learn.student).get_output_embeddings().weight
+        kd_on, w = learn.active["kd"], learn.weights
+        if kd_on: teacher = (t_out.last_hidden_state, learn.teacher.get_output_embeddings().weight)
+        else: teacher = (h.new_zeros(*h.shape[:-1], 1), W.new_zeros(W.shape[0], 1))   # KD off: a cheap dummy, weight 0
+        kd_w, lm_w = (w.get("kd", 0.0) if kd_on else 0.0), w.get("lm", 0.0)
+        with _graph(kd_w or lm_w):
+            out = fused_kd_loss(h, W, teacher, y, temperature=learn.T, divergence=learn.divergence, beta=learn.beta,
+                                kd_weight=kd_w,
+                                lm_weight=lm_w, num_items=num_items, vocab_size=learn.vocab_size if kd_on else None)
+        return out.loss, dict(lm=out.lm.detach(), **(dict(kd=out.kd.detach()) if kd_on else {}))
 
 # %% ../nbs/07_distiller.ipynb #fe6f6c21
+@patch
 def _one_step(self: Distiller):
     "One optimizer step over `grad_accum` micro-batches."
     acc, t0 = self.accelerator, time.perf_counter()
     self.p = self.step / max(self.n_steps - 1, 1)
     self("before_step")                                       # ScheduleCB: self.T, self.weights
     batches = [self.stream.next() for _ in range(self.grad_accum)]
-    n_items = torch.tensor(count_tokens(batches), device=acc.device)
-    if acc.num_processes > 1: n_items = acc.reduce(n_items, "sum")
-    self.n_items, self.skip, self.sums, self.maxes = int(n_items), False, {}, []
+    self.n_items, self.skipped, self.grad_norm = self._count(batches), False, torch.tensor(math.nan)
     self.opt.zero_grad(set_to_none=True)
     for i, b in enumerate(batches):
-        sync = contextlib.ExitStack()
-        if i < len(batches) - 1:                               # no all-reduce until the last micro-batch
-            for m in (self.student, *self.component_modules): sync.enter_context(acc.no_sync(m))
-        with sync:
-            with acc.autocast():
-                self.fused_loss = None
-                self.losses = self.compute_losses(b, max(self.n_items, 1))
-                fz = self.fused_loss is not None                # fused: kd + lm already weighted in `fused_loss`
-                self.loss = sum((self.weights[k] * v for k, v in self.losses.items()
-                                 if self.weights[k] != 0 and not (fz and k in ("kd", "lm"))),
-                                self.fused_loss if fz else torch.zeros((), device=acc.device))
-            self._record_micro()
-            self("after_loss")                                 # GuardCB: a non-finite loss sets self.skip
-            if self.skip: break
+        with self._no_sync(last=i == len(batches) - 1):
+            with acc.autocast(): self.loss, self.loss_logs = self.loss_fn(self, b, max(self.n_items, 1))
+            self("after_loss")                                 # GuardCB: a non-finite loss sets `skipped`; HistoryCB sums
+            if self.skipped: break
             if self.loss.requires_grad: acc.backward(self.loss * acc.num_processes)  # DDP averages; the divisor is global
     self("after_backward")
-    self.grad_norm = torch.tensor(math.nan)
-    if not self.skip:
+    if not self.skipped:
         self.grad_norm = acc.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
-        self("after_clip")                                     # GuardCB: a non-finite norm sets self.skip (no scaler)
+        self("after_clip")                                     # GuardCB: a non-finite norm sets `skipped` (no scaler)
     self.lr_used = self.opt.param_groups[0]["lr"]
-    if not self.skip: self.opt.step()                          # a GradScaler skips an overflowing step by itself
-    self.skipped = self.skip or bool(getattr(self.opt, "step_was_skipped", False))
-    self.advance = not self.skipped
-    self("after_opt_step")                                     # GuardCB: closes the step, may keep the LR schedule
-    if self.advance: self.sched.step()
+    if not self.skipped:
+        self.opt.step()
+        self.skipped = bool(getattr(self.opt, "step_was_skipped", False))   # a GradScaler skipped an overflow itself
+    self("after_opt_step")                                     # GuardCB: closes the step (may raise TrainingDiverged)
+    if not self.skipped: self.sched.step()
     self.step += 1
     self.step_time = time.perf_counter() - t0
     self("after_step")                                         # history, eval, health, progress, checkpoint
 
-def _record_micro(self: Distiller):
-    "Accumulate the detached losses and largest |logits| of a micro-batch for the log (none when fused)."
-    for k, v in {**self.losses, "loss": self.loss}.items(): self.sums[k] = self.sums.get(k, 0) + v.detach().float()
-    if self.logits != (None, None): self.maxes.append([x.detach().abs().amax().float() if x is not None else torch.zeros(()) for x in self.logits])
+# %% ../nbs/07_distiller.ipynb #fe6f3e3a
+@patch
+def _count(self: Distiller, batches) -> int:
+    "Valid targets of the accumulated batch, summed over processes: every token loss's divisor."
+    n = torch.tensor(count_tokens(batches), device=self.accelerator.device)
+    return int(self.accelerator.reduce(n, "sum")) if self.accelerator.num_processes > 1 else int(n)
 
-Distiller._one_step, Distiller._record_micro = _one_step, _record_micro
+@patch
+def _no_sync(self: Distiller, last: bool):
+    "No gradient all-reduce until the last micro-batch."
+    sync = contextlib.ExitStack()
+    if not last:
+        for m in (self.student, *self.component_modules): sync.enter_context(self.accelerator.no_sync(m))
+    return sync
 
 # %% ../nbs/07_distiller.ipynb #ec7a135c
-def _make_sched(self: Distiller, steps: int):
-    if self.sched_func is not None: return self.sched_func(self.opt, steps)
-    w = self.warmup if isinstance(self.warmup, int) else int(round(self.warmup * steps))
-    return torch.optim.lr_scheduler.LambdaLR(self.opt, WarmupCosine(w, steps, self.min_lr_frac))
-
-def _fit(self: Distiller,
+@patch
+def fit(self: Distiller,
          steps: int, # planned optimizer steps of the whole run (a resumed run continues to this number)
-         resume=None, # a checkpoint directory (or `ckpt_dir`, whose `latest` is used) to continue from
+         resume=None, # a checkpoint directory (or a `CheckpointCB`'s `dir`, whose `latest` is used) to continue from
         ) -> Distiller:
     "Train for `steps` optimizer steps, or continue a checkpointed run up to `steps`."
     steps = _int(steps, "steps")
     ckpt = None if resume is None else find_checkpoint(resume)
-    self.n_steps, self.sched = steps, _make_sched(self, steps)
+    self.n_steps, self.sched = steps, self.sched_func(self.opt, steps)
     self.step, self.history, self.evals, self.logs = 0, [], [], []
     if ckpt is not None: self.load_checkpoint(ckpt)
     self.resumed = ckpt is not None
@@ -490,35 +491,42 @@ def _fit(self: Distiller,
     finally: self("cleanup_fit")
     return self
 
-Distiller.fit = _fit
-
 # %% ../nbs/07_distiller.ipynb #2616bdd9
 class ScheduleCB(Callback):
-    "Sets `learn.T` and `learn.weights` from the curricula at progress `learn.p`; logs the curriculum line."
+    "Sets `learn.T` and `learn.weights` from the curricula at progress `learn.p`; logs the curriculum line `every` N steps."
     order = -20
+    def __init__(self, every: int | None = None): self.every = None if every is None else _int(every, "every")  # None: 4 per fit
     def before_step(self, learn):
         learn.T, learn.weights = float(learn.temperature(learn.p)), learn.curriculum(learn.p)
     def after_step(self, learn):
-        every = learn.curriculum_every or learn._eval_every()
+        every = self.every or max(1, learn.n_steps // 4)
         if learn.step % every == 0 or learn.step == learn.n_steps:
             learn.log(learn.curriculum.log_line(learn.step, learn.n_steps) + f", T={learn.T:.3f}")
 
 # %% ../nbs/07_distiller.ipynb #8f663e0d
 class GuardCB(Callback):
-    "Skips steps with non-finite losses or gradients through `learn.guard` (a `StepGuard`)."
+    "Skips steps with non-finite losses or gradients through `guard` (a `StepGuard`; None: one that logs its anomalies)."
     order = -10
+    def __init__(self, guard: StepGuard | None = None): self.guard = guard
+    def after_create(self, learn):
+        learn.guard = self.guard if self.guard is not None else StepGuard(on_anomaly=lambda a: learn.log(
+            f"[GUARD] step {a.step}: {a.component} is {a.kind} ({a.value:.4g}), "
+            + ("the GradScaler skipped the step" if a.kind == "scaler_overflow" else "optimizer step skipped")))
     def after_loss(self, learn):
-        checks = {k: v for k, v in learn.losses.items() if learn.weights.get(k, 0) != 0}
+        logs = learn.loss_logs
+        checks = {k: v for k, v in logs.items() if learn.weights.get(k, 0) != 0}
         checks["total"] = learn.loss
-        s, t = learn.logits
-        if not learn.guard.check_losses(learn.step, checks, student_logits=s, teacher_logits=t): learn.skip = True
+        s, t = logs.get("max_logit_student"), logs.get("max_logit_teacher")
+        if not learn.guard.check_losses(learn.step, checks, student_logits=s, teacher_logits=t): learn.skipped = True
+        if s is not None: self.maxes.append([s.float(), (t if t is not None else torch.zeros(())).float()])
     def after_clip(self, learn):
         ok = learn.guard.check_grads(learn.step, learn.grad_norm, scaler=learn.scaler)
-        if not ok and (learn.scaler is None or not learn.scaler.is_enabled()): learn.skip = True
+        if not ok and (learn.scaler is None or not learn.scaler.is_enabled()): learn.skipped = True
+    def before_step(self, learn): self.maxes = []
     def after_opt_step(self, learn):
-        learn.advance = learn.guard.end_step(learn.step, skipped=learn.skipped)
-        if learn.maxes:
-            m = torch.tensor([[float(v) for v in r] for r in learn.maxes]).amax(0)
+        if learn.guard.end_step(learn.step, skipped=learn.skipped) and learn.skipped: learn.sched.step()  # guard's choice
+        if self.maxes:
+            m = torch.tensor([[float(v) for v in r] for r in self.maxes]).amax(0)
             rec = learn.logit_monitor.update(learn.step, m[:1], m[1:] if learn.need_teacher else None)
             learn.max_logits = (rec.get("student"), rec.get("teacher"))
         else: learn.max_logits = (None, None)
@@ -527,8 +535,12 @@ class GuardCB(Callback):
 class HistoryCB(Callback):
     "Appends one row per step to `learn.history`."
     order = 0
+    def before_step(self, learn): self.sums = {}
+    def after_loss(self, learn):
+        for k, v in {**learn.loss_logs, "loss": learn.loss}.items():
+            if not k.startswith("max_logit"): self.sums[k] = self.sums.get(k, 0) + v.detach().float()
     def after_step(self, learn):
-        vals = {k: v for k, v in learn.sums.items()}
+        vals = self.sums
         if learn.accelerator.num_processes > 1:
             vals = {k: learn.accelerator.reduce(v.to(learn.accelerator.device), "sum") for k, v in vals.items()}
         f = dict(zip(vals, torch.stack(list(vals.values())).tolist())) if vals else {}
@@ -547,21 +559,23 @@ class HistoryCB(Callback):
 
 # %% ../nbs/07_distiller.ipynb #f47eb05e
 @torch.no_grad()
-def _eval_model(self: Distiller, model, *, kd: bool = True, max_batches=None) -> dict:
+def _eval_model(self: Distiller, model, *, kd: bool = True, max_batches=None, dl=None) -> dict:
+    "LM loss (and KL(teacher ‖ model) at T = 1) of `model` on `dl` (default: the validation loader)."
     acc, was = self.accelerator, model.training
     model.eval()
     sums = torch.zeros(3, device=acc.device, dtype=torch.float64)   # lm sum, kd sum, tokens
-    for i, b in enumerate(self.valid_dl):
+    for i, b in enumerate(self.valid_dl if dl is None else dl):
         if max_batches is not None and i >= max_batches: break
+        b = {k: v.to(acc.device) for k, v in b.items()}
         ids, mask = b["input_ids"], b.get("attention_mask")
         with acc.autocast():
             s_logits = model(input_ids=ids, attention_mask=mask).logits
             t_logits = self.teacher(input_ids=ids, attention_mask=mask).logits if kd and model is not self.teacher else None
-        s, y = next_token(s_logits, b["labels"], mask)
+        s, y = s_logits, shift_labels(b["labels"], mask)
         n = (y != -100).sum()
         sums[0] += lm_loss(s, y, num_items=max(int(n), 1)).double() * n
         if t_logits is not None:
-            sums[1] += kd_loss(s, t_logits[:, :-1], y, temperature=1.0, divergence=self.divergence,
+            sums[1] += kd_loss(s, t_logits, y, temperature=1.0, divergence="forward_kl",
                                num_items=max(int(n), 1), vocab_size=self.vocab_size).double() * n
         sums[2] += n
     if acc.num_processes > 1: sums = acc.reduce(sums, "sum")
@@ -571,11 +585,13 @@ def _eval_model(self: Distiller, model, *, kd: bool = True, max_batches=None) ->
     if kd and model is not self.teacher: out["val_kd"] = kdv
     return out
 
-def _evaluate(self: Distiller,
-              max_batches: int | None = None, # validation batches (None: `eval_batches`, then all)
+# %% ../nbs/07_distiller.ipynb #f47e8754
+@patch
+def evaluate(self: Distiller,
+              max_batches: int | None = None, # validation batches (None: all)
              ) -> dict:
     "Validation LM loss, perplexity (number, string, band) and KD loss (T=1) of the student; runs `after_eval`."
-    mb = max_batches if max_batches is not None else self.eval_batches
+    mb = max_batches
     if self.teacher_eval is None:
         self.teacher_eval = dict(_eval_model(self, self.teacher, kd=False, max_batches=mb), step=self.step)
     self.last_eval = dict(step=self.step, **_eval_model(self, self.student, max_batches=mb))
@@ -583,35 +599,52 @@ def _evaluate(self: Distiller,
     self("after_eval")
     return self.last_eval
 
-def _eval_every(self: Distiller) -> int: return self.eval_every or max(1, self.n_steps // 4)
+@patch
+def eval_loss(self: Distiller,
+              dl, # a loader of dict batches (`input_ids`, `labels`, `attention_mask`), e.g. out-of-domain text
+              model=None, # None: the student
+              max_batches: int | None = None,
+             ) -> dict:
+    "LM loss and perplexity of `model` on `dl`, with no side effect on the run (the history, `evals`, callbacks)."
+    return _eval_model(self, self.student if model is None else model, kd=False, max_batches=max_batches, dl=dl)
 
-Distiller.evaluate, Distiller._eval_every = _evaluate, _eval_every
-
+# %% ../nbs/07_distiller.ipynb #f47e65eb
 class EvalCB(Callback):
-    "Evaluates before training (optional), every `eval_every` steps and at the end."
+    "Evaluates before training (`at_start`), every `every` steps and at the end, on `batches` validation batches."
     order = 10
+    def __init__(self, every: int | None = None, # None: 4 times per fit
+                 batches: int | None = None, # validation batches per evaluation (None: all)
+                 at_start: bool = True, # evaluate the student (and the teacher, once) before training
+                ):
+        self.every, self.batches = (None if v is None else _int(v, k) for v, k in ((every, "every"), (batches, "batches")))
+        self.at_start = at_start
     def before_fit(self, learn):
-        if learn.eval_at_start and not learn.resumed:
-            ev = learn.evaluate()
+        if self.at_start and not learn.resumed:
+            ev = learn.evaluate(self.batches)
             t = learn.teacher_eval
             learn.log(f"[EVAL] teacher: loss {t['val_lm']:.4f}, ppl {t['val_ppl_str']} ({t['val_band']})")
             learn.log(f"[EVAL] step 0: student loss {ev['val_lm']:.4f}, ppl {ev['val_ppl_str']} ({ev['val_band']}), kd(T=1) {ev['val_kd']:.4f}")
     def after_step(self, learn):
-        if learn.step % learn._eval_every() == 0 or learn.step == learn.n_steps:
-            ev = learn.evaluate()
+        if learn.step % (self.every or max(1, learn.n_steps // 4)) == 0 or learn.step == learn.n_steps:
+            ev = learn.evaluate(self.batches)
             learn.row.update({k: v for k, v in ev.items() if k != "step"})
             learn.log(f"[EVAL] step {learn.step}: student loss {ev['val_lm']:.4f}, ppl {ev['val_ppl_str']} "
                       f"({ev['val_band']}), kd(T=1) {ev['val_kd']:.4f} | teacher ppl {learn.teacher_eval['val_ppl_str']}")
 
 # %% ../nbs/07_distiller.ipynb #405526c9
 class HealthCB(Callback):
-    "Feeds every step to `learn.monitor` (a `HealthMonitor`)."
+    "Feeds every step to `monitor` (a `HealthMonitor`; None: one that logs its warnings), as `learn.monitor`."
     order = 20
+    def __init__(self, monitor: HealthMonitor | None = None): self.monitor = monitor
+    def after_create(self, learn):
+        learn.monitor = self.monitor if self.monitor is not None else HealthMonitor(
+            on_warn=lambda s, r, m: learn.log(f"[HEALTH] step {s}: [{r}] {m}"))
+    def before_step(self, learn): self.n_bad = learn.guard.n_skipped
     def after_step(self, learn):
         r = learn.row
         learn.monitor.update(learn.step, total=r["loss"], lm=r.get("lm"), kd=r.get("kd"), ppl=r.get("val_ppl"),
                              temperature=r["T"], expected_temperature=float(learn.temperature(learn.p)),
-                             weights=learn.weights, expected_weights=learn.curriculum(learn.p), nonfinite=learn.skip)
+                             weights=learn.weights, expected_weights=learn.curriculum(learn.p), nonfinite=learn.guard.n_skipped > self.n_bad)
 
 # %% ../nbs/07_distiller.ipynb #21649724
 def _in_notebook() -> bool:
@@ -621,13 +654,18 @@ def _in_notebook() -> bool:
         return ip is not None and "IPKernelApp" in ip.config
     except Exception: return False
 
+# %% ../nbs/07_distiller.ipynb #2164e6f1
 class ProgressCB(Callback):
-    "A fastprogress bar with a live loss plot in notebooks; text log lines; the closing summary."
+    "A fastprogress bar (`bar`; None: in notebooks) with a live loss plot in notebooks; a text log line `every` N steps; the summary."
     order = 30
-    def __init__(self, plot_every: int | None = None): self.plot_every = plot_every
+    def __init__(self, every: int | None = None, # a log line every N steps; None: about 20 per fit
+                 bar: bool | None = None, # the fastprogress bar (None: only in notebooks)
+                 plot_every: int | None = None, # redraw the live plot every N steps; None: about 50 times per fit
+                ):
+        self.every, self.bar, self.plot_every = None if every is None else _int(every, "every"), bar, plot_every
     def before_fit(self, learn):
         self.t0, self.s0, self.mb, self.pb = time.perf_counter(), learn.step, None, None
-        show = learn.progress if learn.progress is not None else _in_notebook()
+        show = self.bar if self.bar is not None else _in_notebook()
         if show and learn.accelerator.is_main_process:
             from fastprogress.fastprogress import master_bar, progress_bar
             self.graph = _in_notebook()     # the live plot is a notebook's; a terminal gets fastprogress's text bar
@@ -645,7 +683,7 @@ class ProgressCB(Callback):
                 ev = [x for x in learn.evals]
                 self.mb.update_graph([[[x["step"] for x in h], [x["loss"] for x in h]],
                                       [[x["step"] for x in ev], [x["val_lm"] for x in ev]]])
-        every = learn.log_every or max(1, learn.n_steps // 20)
+        every = self.every or max(1, learn.n_steps // 20)
         if learn.step % every == 0 or learn.step == learn.n_steps:
             el = time.perf_counter() - self.t0
             parts = [f"step {learn.step}/{learn.n_steps}", f"loss {r['loss']:.4f}"]
@@ -662,7 +700,8 @@ class ProgressCB(Callback):
         self.mb = self.pb = None
 
 # %% ../nbs/07_distiller.ipynb #306dcf94
-def _summary(self: Distiller) -> str:
+@patch
+def summary(self: Distiller) -> str:
     "Closing report: perplexities, gap closed, skipped steps, wall time, health table."
     lines = ["", "=" * 60, f"kdlit run: {self.step}/{self.n_steps} steps"]
     t = self.teacher_eval
@@ -680,7 +719,6 @@ def _summary(self: Distiller) -> str:
     lines += ["health:", self.monitor.summary(), "=" * 60]
     return "\n".join(lines)
 
-Distiller.summary = _summary
 
 # %% ../nbs/07_distiller.ipynb #53328842
 CKPT_META, CKPT_STATE, CKPT_LATEST, CKPT_FORMAT = "kdlit_meta.json", "kdlit_state.pt", "latest", 1
@@ -712,12 +750,15 @@ def find_checkpoint(path) -> pathlib.Path:
                          f"or a `{CKPT_LATEST}` file naming one)")
     return p
 
-def _save_checkpoint(self: Distiller,
-                     root=None, # directory of checkpoints (default: `ckpt_dir`)
+# %% ../nbs/07_distiller.ipynb #53327a1c
+@patch
+def save_checkpoint(self: Distiller,
+                     root, # directory of checkpoints (the newest is named by its `latest` file)
+                     keep: int = 1, # checkpoints kept in `root`
                     ) -> pathlib.Path:
     "Write a full checkpoint atomically; returns its directory."
     acc = self.accelerator
-    root = pathlib.Path(root if root is not None else self.ckpt_dir)
+    root = pathlib.Path(root)
     name = f"step-{self.step:07d}"
     final, tmp = root / name, root / f".tmp-{name}"
     if acc.is_main_process:
@@ -731,17 +772,20 @@ def _save_checkpoint(self: Distiller,
                     student=_fingerprint([acc.unwrap_model(self.student)]),
                     components=[c.name for c in self.components],
                     component_params=_fingerprint(self.components),
-                    precision=acc.mixed_precision, grad_accum=self.grad_accum, num_processes=acc.num_processes)
+                    precision=acc.mixed_precision, grad_accum=self.grad_accum, num_processes=acc.num_processes,
+                    run=self.run_info)              # what the caller says the run is (teacher, data, ...): checked on resume
         (tmp / CKPT_META).write_text(json.dumps(meta, indent=1))
         if final.exists(): shutil.rmtree(final)
         os.rename(tmp, final)
         lt = root / f".{CKPT_LATEST}.tmp"
         lt.write_text(name + "\n"); os.replace(lt, root / CKPT_LATEST)
         old = sorted(d for d in root.glob("step-*") if d.is_dir() and d.name != name)
-        for d in old[: max(len(old) - (self.keep - 1), 0)]: shutil.rmtree(d, ignore_errors=True)
+        for d in old[: max(len(old) - (keep - 1), 0)]: shutil.rmtree(d, ignore_errors=True)
     acc.wait_for_everyone()
     return final
 
+# %% ../nbs/07_distiller.ipynb #53321eec
+@patch
 def _trainer_state(self: Distiller) -> dict:
     return dict(step=self.step, n_steps=self.n_steps, sched=self.sched.state_dict(), data=self.stream.state_dict(),
                 temperature=self.temperature.state_dict(), curriculum=self.curriculum.state_dict(),
@@ -749,7 +793,9 @@ def _trainer_state(self: Distiller) -> dict:
                 monitor=self.monitor.state_dict(), history=self.history, evals=self.evals, logs=self.logs,
                 teacher_eval=self.teacher_eval)
 
-def _load_checkpoint(self: Distiller, path) -> Distiller:
+# %% ../nbs/07_distiller.ipynb #5332466d
+@patch
+def load_checkpoint(self: Distiller, path) -> Distiller:
     "Restore everything `save_checkpoint` wrote (clear errors for a corrupt or mismatched checkpoint)."
     acc, p = self.accelerator, find_checkpoint(path)
     try: meta = json.loads((p / CKPT_META).read_text())
@@ -782,17 +828,20 @@ def _load_checkpoint(self: Distiller, path) -> Distiller:
     self.monitor.load_state_dict(st["monitor"])
     return self
 
-Distiller.save_checkpoint, Distiller.load_checkpoint, Distiller._trainer_state = _save_checkpoint, _load_checkpoint, _trainer_state
-
+# %% ../nbs/07_distiller.ipynb #5332c177
 class CheckpointCB(Callback):
-    "Saves a checkpoint every `ckpt_every` steps and at the end of the fit."
+    "Saves a checkpoint in `dir` every `every` steps (None: only at the end) and at the end of the fit, keeping `keep`."
     order = 50
+    def __init__(self, dir, every: int | None = None, keep: int = 1):
+        self.dir, self.keep = pathlib.Path(dir), _int(keep, "keep")
+        self.every = None if every is None else _int(every, "every")
     def after_step(self, learn):
-        if learn.ckpt_every and learn.step % learn.ckpt_every == 0 and learn.step < learn.n_steps: learn.save_checkpoint()
-    def after_fit(self, learn): learn.save_checkpoint()
+        if self.every and learn.step % self.every == 0 and learn.step < learn.n_steps: learn.save_checkpoint(self.dir, self.keep)
+    def after_fit(self, learn): learn.save_checkpoint(self.dir, self.keep)
 
 # %% ../nbs/07_distiller.ipynb #b0104520
-def _save_history(self: Distiller, path) -> pathlib.Path:
+@patch
+def save_history(self: Distiller, path) -> pathlib.Path:
     "Write `history` as CSV (one row per step, union of keys, blank where a value is absent)."
     path = pathlib.Path(path)
     keys = list(dict.fromkeys(k for r in self.history for k in r))
@@ -818,7 +867,9 @@ def plain_for_saving(model: nn.Module):
         model.hf_quantizer = q; cfg.__dict__.update(saved)
         if flag is not None: model.is_quantized = flag
 
-def _save_pretrained(self: Distiller, path, *, tokenizer=None) -> pathlib.Path:
+# %% ../nbs/07_distiller.ipynb #b010a5d4
+@patch
+def save_pretrained(self: Distiller, path, *, tokenizer=None) -> pathlib.Path:
     "Save the student (without alignment projections) with `save_pretrained`, and the tokenizer, loadable by transformers."
     acc, path = self.accelerator, pathlib.Path(path)
     acc.wait_for_everyone()
@@ -829,7 +880,9 @@ def _save_pretrained(self: Distiller, path, *, tokenizer=None) -> pathlib.Path:
     acc.wait_for_everyone()
     return path
 
-def _plot_history(self: Distiller, figsize=(11, 7)) -> Figure:
+# %% ../nbs/07_distiller.ipynb #b010926b
+@patch
+def plot_history(self: Distiller, figsize=(11, 7)) -> Figure:
     "Losses, validation perplexity (with the teacher's), temperature and weights over the run."
     fig = Figure(figsize=figsize)
     ax = fig.subplots(2, 2).ravel()
@@ -850,5 +903,3 @@ def _plot_history(self: Distiller, figsize=(11, 7)) -> Figure:
     ax[3].set(title="curriculum weights", xlabel="step"); ax[3].legend()
     fig.tight_layout()
     return fig
-
-Distiller.save_history, Distiller.save_pretrained, Distiller.plot_history = _save_history, _save_pretrained, _plot_history

@@ -260,7 +260,7 @@ def test_distiller_fit_with_components(tmp_path):
     before = {n: p.detach().clone() for c in comps for n, p in c.named_parameters(prefix=c.name)}
     d = distiller.Distiller(teacher, student, dls, components=comps,
                             curriculum=Curriculum(feat=0.5, layer=0.5, attn=0.5, contr=0.5),
-                            progress=False, verbose=False, eval_at_start=False)
+                            verbose=False, cbs=[distiller.EvalCB(at_start=False), distiller.ProgressCB(bar=False)])
     assert teacher.config._attn_implementation == "eager" and student.config._attn_implementation == "eager"
     in_opt = {id(p) for g in d.opt.param_groups for p in g["params"]}
     assert all(id(p) in in_opt for c in comps for p in c.parameters())        # projections are trained

@@ -1,5 +1,5 @@
 "Integration tests of the `kdlit` command line: real runs on a tiny saved teacher, resume, interrupt, errors, report."
-import json, os, pathlib, shutil, signal, subprocess, sys, time, importlib.util
+import json, math, os, pathlib, shutil, signal, subprocess, sys, time, importlib.util
 import pytest
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
@@ -72,9 +72,9 @@ def test_student_reloads_with_transformers(run):
 
 
 def test_config_json_round_trips(run):
-    from kdlit.cli import resolve_config, DEFAULTS
+    from kdlit.cli import resolve_config, DEFAULTS, NOT_SAVED
     saved = json.loads((run / "config.json").read_text())
-    assert set(saved) == set(DEFAULTS) - {"resume", "overwrite"}
+    assert set(saved) == set(DEFAULTS) - {"resume", "overwrite", "allow_changes"} == set(DEFAULTS) - set(NOT_SAVED)
     cfg = resolve_config(run / "config.json")
     assert cfg["steps"] == 8 and cfg["layers"] == saved["layers"] and cfg["temperature"] == saved["temperature"]
 
@@ -222,3 +222,198 @@ def test_real_default_teacher_improves(tmp_path):
     assert s["teacher_loss"] < s["after_loss"]
     assert json.loads((out / "config.json").read_text())["layers"] == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
     assert "student after 6 steps" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- the CE-only baseline, divergences, out-of-domain text
+OOD = ("def parse(path):\n    \"\"\"Read the file at path and return its lines without trailing whitespace.\"\"\"\n"
+       "    with open(path) as f: return [line.rstrip() for line in f]\n") * 30
+
+
+@pytest.fixture(scope="module")
+def baseline_run(assets):
+    "A tiny run with --baseline ce and an out-of-domain text file."
+    (assets / "ood.txt").write_text(OOD)
+    out = assets / "baseline"
+    r = kdlit(*tiny_args(assets, out, 6, "--baseline", "ce", "--ood", assets / "ood.txt"))
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_baseline_ce_in_summary_report_and_plots(baseline_run):
+    out, r = baseline_run
+    s = json.loads((out / "summary.json").read_text())
+    b = s["baseline"]
+    assert b["finished"] and b["steps_done"] == 6 and b["after_loss"] > 0 and b["after_loss"] != s["after_loss"]
+    assert [e[0] for e in b["evals"]] == [0, 4, 6] and b["evals"][0][1] == pytest.approx(s["before_loss"], abs=1e-6)  # same start
+    assert b["ood_after_loss"] > 0 and s["ood"]["after_loss"] > 0 and s["ood"]["teacher_loss"] > 0
+    assert "gap_closed" in b
+    bh = history(out / "baseline")
+    assert all(r.get("w_kd", 0) == 0 and r["w_lm"] == 1 for r in bh) and [r["tokens"] for r in bh] == [r["tokens"] for r in history(out)[1:]]
+    report = (out / "report.md").read_text()
+    assert "CE-only baseline after 6 steps" in report and "out-of-domain perplexity" in report
+    from kdlit.cli import verdict
+    line = verdict(s)
+    assert line.startswith(("distillation beat fine-tuning by", "distillation did not beat fine-tuning:"))
+    assert f"**Verdict: {line}.**" in report and "(CE-only baseline:" in report and line in r.stdout
+
+
+def test_verdict_line():
+    from kdlit.cli import verdict
+    s = dict(after_loss=math.log(50), ood={"after_loss": math.log(200)}, baseline=dict(after_loss=math.log(100), ood_after_loss=math.log(400)))
+    assert verdict(s) == "distillation beat fine-tuning by 50.0 % perplexity in-domain, 50.0 % out-of-domain"
+    s["baseline"]["after_loss"] = math.log(40)
+    assert verdict(s).startswith("distillation did not beat fine-tuning: perplexity 50.0 against 40.0 for CE-only in-domain")
+    assert verdict(dict(after_loss=1.0)) is None
+
+
+def test_divergence_option(assets, tmp_path):
+    out = tmp_path / "jsd"
+    r = kdlit(*tiny_args(assets, out, 2, "--divergence", "jsd", "--beta", "0.25"))
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["divergence"], saved["beta"]) == ("jsd", 0.25)
+    line = _one_line_failure(kdlit(*tiny_args(assets, tmp_path / "bad", 2, "--divergence", "kl")))
+    assert "divergence" in line
+
+
+def test_seed_curriculum_brings_the_seed_temperature():
+    from kdlit.cli import resolve_config
+    cfg = resolve_config(curriculum="seed")
+    assert cfg["temperature"] == {"kind": "linear", "start": 2.0, "end": 1.5} and cfg["divergence"] == "forward_kl"
+    assert resolve_config(curriculum="seed", temperature="1")["temperature"] == 1.0
+
+
+def test_ood_stdlib_without_the_corpus_is_one_line(assets, tmp_path):
+    if hasattr(importlib.import_module("kdlit.data"), "stdlib_docstrings"): pytest.skip("kdlit.data.stdlib_docstrings exists")
+    line = _one_line_failure(kdlit(*tiny_args(assets, tmp_path / "o", 2, "--ood", "stdlib")), tmp_path / "o")
+    assert "ood" in line and "stdlib_docstrings" in line
+
+
+# ---------------------------------------------------------------- defects found as a new user (issue 14)
+def test_resume_into_another_run_is_refused(run, assets, tmp_path):
+    "1. --out A --resume B/checkpoint must not replace run A without --overwrite."
+    a, b = tmp_path / "A", tmp_path / "B"
+    shutil.copytree(run, a); shutil.copytree(run, b)
+    before = {p: p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    line = _one_line_failure(kdlit("distill", "--out", a, "--resume", b / "checkpoint", "--steps", 10))
+    assert "already holds a run" in line
+    assert {p: p.read_bytes() for p in a.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("case", ["empty_dir", "dangling_latest", "truncated_state", "bad_meta"])
+def test_resume_errors_are_one_line_before_loading(case, run, assets, tmp_path):
+    "2. A broken checkpoint is one line on stderr, before any model loads or config.json is written."
+    ck = tmp_path / "ck"
+    shutil.copytree(run / "checkpoint", ck)
+    step = (ck / "latest").read_text().strip()
+    if case == "empty_dir": shutil.rmtree(ck); ck.mkdir()
+    elif case == "dangling_latest": (ck / "latest").write_text("step-9999999\n")
+    elif case == "truncated_state": (ck / step / "kdlit_state.pt").write_bytes(b"")
+    else: (ck / step / "kdlit_meta.json").write_text("{not json")
+    out = tmp_path / "o"
+    line = _one_line_failure(kdlit(*tiny_args(assets, out, 10, "--resume", ck)), out)
+    assert line.startswith("kdlit distill: error: resume:"), line
+
+
+def test_unwritable_out_fails_before_loading(assets, tmp_path):
+    "3. An --out where nothing can be written: one line, before any model loads."
+    line = _one_line_failure(kdlit(*tiny_args(assets, "/proc/kdlit-no-such/run", 2)))
+    assert "out:" in line and "cannot write" in line
+
+
+def test_damaged_summary_does_not_block_resume(assets, tmp_path):
+    "4. summary.json is rewritten at the end; a damaged one must not block --resume. No temporary files are left."
+    out = tmp_path / "d"
+    assert kdlit(*tiny_args(assets, out, 4)).returncode == 0
+    (out / "summary.json").write_text("{damaged")
+    r = kdlit("distill", "--out", out, "--resume", "--steps", 6)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "summary.json").read_text())["steps_done"] == 6
+    assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_yaml_precision_no():
+    "8. YAML 1.1 reads `precision: no` as False."
+    from kdlit.cli import resolve_config
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        f = pathlib.Path(d) / "c.yaml"; f.write_text("precision: no\n")
+        assert resolve_config(f)["precision"] == "no"
+
+
+def test_summary_has_no_nan_and_report_says_why(run, tmp_path):
+    "9. JSON has no NaN: non-finite numbers are written as null, and the report names them."
+    from kdlit.cli import json_safe, render_report
+    s, bad = json_safe(dict(after_loss=float("nan"), ood=dict(after_loss=float("inf"))))
+    assert s == dict(after_loss=None, ood=dict(after_loss=None)) and bad == ["after_loss", "ood.after_loss"]
+    out = tmp_path / "n"; shutil.copytree(run, out)
+    summ = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").write_text(json.dumps(dict(summ, after_loss=None, nonfinite=["after_loss"])))
+    assert "recorded as `null` in summary.json: `after_loss`" in render_report(out)
+
+
+def test_bench_bad_sizes_is_one_line():
+    "10. kdlit bench --sizes abc: one line, no traceback."
+    if importlib.util.find_spec("kdlit.bench") is None: pytest.skip("no kdlit.bench")
+    line = _one_line_failure(kdlit("bench", "--sizes", "abc"))
+    assert "--sizes" in line
+
+
+def test_second_ctrl_c_keeps_report_and_hint(assets, tmp_path):
+    "10. A second Ctrl-C while the interrupted run is being recorded still leaves the report and the resume hint."
+    out = tmp_path / "c"
+    p = subprocess.Popen([sys.executable, "-m", "kdlit.cli", *map(str, tiny_args(assets, out, 100000, "--ckpt-interval", 2))],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while not (out / "checkpoint/latest").exists() and time.time() < deadline and p.poll() is None: time.sleep(0.2)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT); time.sleep(0.3); p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "--resume" in err and (out / "report.md").exists()
+    assert json.loads((out / "summary.json").read_text())["finished"] is False
+
+
+def test_torch_requirement_makes_loading_safe():
+    "11. torch >= 2.6 loads with weights_only=True by default (Accelerate's load_state, the token cache)."
+    import re
+    req = next(l for l in (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text().splitlines() if l.strip().startswith('"torch>='))
+    assert tuple(map(int, re.search(r">=(\d+)\.(\d+)", req).groups())) >= (2, 6)
+
+
+def test_overwrite_deletes_only_what_kdlit_wrote(run, assets, tmp_path):
+    "7. --overwrite removes the files kdlit wrote (its manifest), never the user's; a foreign config.json is not a run."
+    out = tmp_path / "w"
+    shutil.copytree(run, out)
+    mine = [out / "plots/mine.png", out / "student/NOTES.md", out / "notes.txt"]
+    for p in mine: p.write_text("mine")
+    old_ckpt = (out / "checkpoint/latest").read_text().strip()
+    r = kdlit(*tiny_args(assets, out, 2, "--overwrite"))
+    assert r.returncode == 0, r.stderr
+    assert all(p.read_text() == "mine" for p in mine)
+    assert not (out / "checkpoint" / old_ckpt).exists() and history(out)[-1]["step"] == 2
+    foreign = tmp_path / "f"; foreign.mkdir(); (foreign / "config.json").write_text('{"name": "my project"}')
+    line = _one_line_failure(kdlit(*tiny_args(assets, foreign, 2)))
+    assert "not a kdlit run" in line and json.loads((foreign / "config.json").read_text()) == {"name": "my project"}
+
+
+def test_resume_with_other_data_or_batches_is_refused(run, assets, tmp_path):
+    "6. The checkpoint records the teacher, data, seq_len and batch size; a resume that changes them says what differs."
+    out = tmp_path / "m"; shutil.copytree(run, out)
+    line = _one_line_failure(kdlit("distill", "--out", out, "--resume", "--steps", 10, "--seq-len", 16, "--batch-size", 2))
+    assert "seq_len 16" in line and "batch_size 2" in line and "--allow-changes" in line
+    (tmp_path / "other.txt").write_text(TEXT * 40)
+    line = _one_line_failure(kdlit("distill", "--out", out, "--resume", "--steps", 10, "--data", tmp_path / "other.txt"))
+    assert "data" in line
+
+
+def test_resume_into_the_baseline_phase(assets, tmp_path):
+    "A run whose distillation is done continues into the CE-only baseline with --resume (a killed run resumes there too)."
+    out = tmp_path / "rb"
+    assert kdlit(*tiny_args(assets, out, 4)).returncode == 0
+    r = kdlit("distill", "--out", out, "--resume", "--baseline", "ce")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps_done"] == 4 and s["baseline"]["finished"] and s["baseline"]["steps_done"] == 4
+    assert (out / "baseline/checkpoint/latest").exists() and "CE-only baseline after 4 steps" in (out / "report.md").read_text()

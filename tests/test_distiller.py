@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from kdlit.data import make_loaders
-from kdlit.distiller import (Callback, CancelFitException, Distiller, find_checkpoint, make_accelerator)
+from kdlit.distiller import (Callback, CancelFitException, CheckpointCB, Distiller, EvalCB, ProgressCB, find_checkpoint,
+                             make_accelerator, warmup_cosine)
 from kdlit.models import tiny_pair
 from kdlit.safeguards import TrainingDiverged
 
@@ -57,7 +58,7 @@ def test_fit_reduces_loss():
 
 
 def test_ce_only_never_runs_the_teacher_in_training():
-    d = distiller(curriculum=dict(kd=0.0, lm=1.0), eval_at_start=False, eval_every=100)
+    d = distiller(curriculum=dict(kd=0.0, lm=1.0), cbs=[EvalCB(every=100, at_start=False)])
     calls = []
     d.teacher.register_forward_hook(lambda *a: calls.append(1))
     d.fit(5)
@@ -89,7 +90,7 @@ def test_attention_component_switches_to_eager():
     teacher, student, dls = setup(pair_kw=dict(attn_implementation="sdpa"))
     comps = alignment_components(student, teacher, ["attn"])
     d = Distiller(teacher, student, dls, components=comps, curriculum=dict(kd=1.0, attn=0.1), precision="no",
-                  verbose=False, eval_at_start=False)
+                  verbose=False, cbs=[EvalCB(at_start=False)])
     assert d.need_attn and teacher.config._attn_implementation == "eager"
     d.fit(2)
     assert "attn" in d.history[-1] and math.isfinite(d.history[-1]["attn"])
@@ -116,7 +117,7 @@ def test_grad_accum_equals_large_batch(bs, accum):
         teacher, student, _ = setup()
         d = Distiller(teacher, student, ListLoaders(bs), grad_accum=accum, lr=1.0, max_grad_norm=None,
                       opt_func=lambda ps, lr: torch.optim.SGD(ps, lr=lr), precision="no", verbose=False,
-                      eval_at_start=False, eval_every=100, curriculum=CUR)
+                      cbs=[EvalCB(every=100, at_start=False)], curriculum=CUR)
         p0 = params(d)
         d.fit(1)
         p1 = params(d)
@@ -163,7 +164,8 @@ def test_fp16_scaler_overflow_is_skipped_by_scaler_not_counted(tmp_path):
 # ---------------------------------------------------------------- checkpoints and resume
 def _run(steps, *, ckpt=None, resume=None, stop_at=None, every=5, **kw):
     stop = At("after_step", [stop_at] if stop_at else [], lambda l: (_ for _ in ()).throw(KeyboardInterrupt()))
-    d = distiller(ckpt_dir=ckpt, ckpt_every=every if ckpt else None, cbs=[stop], **kw)
+    ev = [EvalCB(every=kw.pop("eval_every"))] if "eval_every" in kw else []
+    d = distiller(cbs=[stop, *ev, *([CheckpointCB(ckpt, every=every)] if ckpt else [])], **kw)
     try: d.fit(steps, resume=resume)
     except KeyboardInterrupt: pass
     return d
@@ -189,7 +191,7 @@ def test_resume_is_exact(tmp_path, accum):
 
 
 def test_interrupt_while_saving_keeps_last_checkpoint(tmp_path):
-    d = distiller(ckpt_dir=tmp_path, ckpt_every=3, eval_every=100)
+    d = distiller(cbs=[CheckpointCB(tmp_path, every=3), EvalCB(every=100)])
     real = d.accelerator.save_state
     def boom(out):
         real(out)
@@ -208,7 +210,7 @@ def test_cancel_fit_is_clean():
 
 
 def test_bad_checkpoints_fail_clearly(tmp_path):
-    d = distiller(ckpt_dir=tmp_path / "ck").fit(3)
+    d = distiller(cbs=[CheckpointCB(tmp_path / "ck")]).fit(3)
     ck = find_checkpoint(tmp_path / "ck")
     with pytest.raises(ValueError, match="does not match"):       # a different student
         distiller(pair_kw=dict(hidden_size=48)).fit(3, resume=ck)
@@ -309,8 +311,7 @@ class Named(nn.Module):
     (dict(grad_accum=0), "grad_accum"),
     (dict(lr=-1.0), "lr"),
     (dict(max_grad_norm=0), "max_grad_norm"),
-    (dict(warmup=1.5), "warmup"),
-    (dict(ckpt_every=5), "ckpt_dir"),
+    (dict(sched_func="cosine"), "sched_func"),
     (dict(curriculum=dict(kd=0.0, lm=0.0)), "nothing to train"),
     (dict(curriculum="kd"), "curriculum"),
     (dict(temperature=0.0), "temperature"),
@@ -321,6 +322,13 @@ class Named(nn.Module):
 def test_bad_configuration_fails_fast(kw, msg):
     teacher, student, dls = setup()
     with pytest.raises(ValueError, match=msg): Distiller(teacher, student, dls, verbose=False, **kw)
+
+
+def test_callbacks_check_their_settings():
+    for make, msg in [(lambda: CheckpointCB(".", every=0), "every"), (lambda: CheckpointCB(".", keep=0), "keep"),
+                      (lambda: EvalCB(every=-1), "every"), (lambda: EvalCB(batches=0), "batches"),
+                      (lambda: ProgressCB(every=0), "every"), (lambda: warmup_cosine(warmup=1.5), "warmup")]:
+        with pytest.raises(ValueError, match=msg): make()
 
 
 def test_bad_pairs_and_fit_arguments():
@@ -343,7 +351,7 @@ def test_precision_switch_in_one_process():
 
 # ---------------------------------------------------------------- outputs
 def test_history_rows_and_csv(tmp_path):
-    d = distiller(eval_every=4, warmup=2, temperature=("linear", 2.0, 1.0), fused=False).fit(9)   # logits path: logit watch
+    d = distiller(cbs=[EvalCB(every=4)], sched_func=warmup_cosine(warmup=2), temperature=("linear", 2.0, 1.0), fused=False).fit(9)   # logits path: logit watch
     h = d.history
     keys = {"step", "p", "loss", "kd", "kd_weighted", "w_kd", "lm", "lm_weighted", "w_lm", "D", "T", "T2", "lr",
             "grad_norm", "max_logit_student", "max_logit_teacher", "skipped", "tokens", "step_time"}
@@ -391,7 +399,7 @@ def test_real_teacher_kd_beats_ce_only():
         torch.manual_seed(0)
         dls = make_loaders(tok, block_size=32, batch_size=4, n_valid=8, seed=0)
         d = Distiller(teacher, copy.deepcopy(base), dls, curriculum=cur, temperature=T, lr=2e-4, precision="no", verbose=False,
-                      eval_at_start=False, eval_every=1000)
+                      cbs=[EvalCB(every=1000, at_start=False)])
         d.teacher_eval = t_eval
         d.fit(STEPS_REAL)
         out[name], t_eval = d.evals[-1]["val_lm"], d.teacher_eval
@@ -407,13 +415,13 @@ import sys, torch
 from accelerate import notebook_launcher
 def train(out, bs, n):
     import torch
-    from kdlit.distiller import Distiller
+    from kdlit.distiller import Distiller, EvalCB
     from kdlit.models import tiny_pair
     sys.path.insert(0, sys.argv[2]); from test_distiller import ListLoaders, CUR
     torch.manual_seed(0)
     teacher, student, tok = tiny_pair(seed=0)
     d = Distiller(teacher, student, ListLoaders(bs), lr=1.0, max_grad_norm=None, opt_func=lambda ps, lr: torch.optim.SGD(ps, lr=lr),
-                  precision="no", verbose=False, eval_at_start=False, eval_every=100, curriculum=CUR)
+                  precision="no", verbose=False, cbs=[EvalCB(every=100, at_start=False)], curriculum=CUR)
     d.fit(n)
     if d.accelerator.is_main_process:
         torch.save(dict(params=d.accelerator.unwrap_model(d.student).state_dict(), history=d.history), out)
@@ -446,7 +454,7 @@ def test_two_processes_match_one(tmp_path):
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_fused_matches_unfused(accum):
-    runs = [distiller(fused=f, grad_accum=accum, eval_at_start=False).fit(4) for f in (False, True)]
+    runs = [distiller(fused=f, grad_accum=accum, cbs=[EvalCB(at_start=False)]).fit(4) for f in (False, True)]
     for a, b in zip(*(d.history for d in runs)):
         for k in ("loss", "kd", "lm", "D", "grad_norm"): assert abs(a[k] - b[k]) < 1e-5, (k, a[k], b[k])
         assert b["max_logit_student"] is None and b["skipped"] == 0
@@ -455,7 +463,7 @@ def test_fused_matches_unfused(accum):
 
 def test_fused_ce_only_matches_unfused():
     cur = dict(kd=0.0, lm=1.0)
-    runs = [distiller(fused=f, curriculum=cur, eval_at_start=False).fit(3) for f in (False, True)]
+    runs = [distiller(fused=f, curriculum=cur, cbs=[EvalCB(at_start=False)]).fit(3) for f in (False, True)]
     for a, b in zip(*(d.history for d in runs)):
         assert "kd" not in b and abs(a["lm"] - b["lm"]) < 1e-5 and abs(a["loss"] - b["loss"]) < 1e-5
     assert max_diff(*(params(d) for d in runs)) < 1e-5
@@ -499,7 +507,7 @@ def test_fused_with_component_matches_unfused():
         def forward(self, s_out, t_out, mask):
             return (self.a * s_out.hidden_states[-1][mask].mean() - t_out.hidden_states[-1][mask].mean()) ** 2
     cur = dict(kd=1.0, lm=0.5, feat=("linear", 1.0, 0.0))
-    runs = [distiller(fused=f, components=[Scale()], curriculum=cur, eval_at_start=False).fit(4) for f in (False, True)]
+    runs = [distiller(fused=f, components=[Scale()], curriculum=cur, cbs=[EvalCB(at_start=False)]).fit(4) for f in (False, True)]
     for a, b in zip(*(d.history for d in runs)):
         for k in ("loss", "kd", "lm", "feat"): assert abs(a[k] - b[k]) < 1e-5, (k, a[k], b[k])
     assert max_diff(*(params(d) for d in runs)) < 1e-5
@@ -508,7 +516,7 @@ def test_fused_with_component_matches_unfused():
 
 def test_progress_bar_in_a_terminal(capsys):
     "progress=True outside a notebook: fastprogress's console bar, no live plot, and the fit completes."
-    d = distiller(progress=True)
+    d = distiller(cbs=[ProgressCB(bar=True)])
     d.fit(3)
     assert d.step == 3
     out = capsys.readouterr()
@@ -516,12 +524,12 @@ def test_progress_bar_in_a_terminal(capsys):
 
 
 def test_grad_scaler_settings_reach_the_cpu_scaler():
-    d = distiller(precision="fp16", grad_scaler=dict(init_scale=2.0**8, growth_interval=50))
+    d = distiller(precision="fp16", accelerator=make_accelerator("fp16", grad_scaler=dict(init_scale=2.0**8, growth_interval=50)))
     assert d.accelerator.scaler is not None and d.accelerator.scaler.get_scale() == 256.0
     assert d.accelerator.scaler._growth_interval == 50
     d.fit(2)
     assert math.isfinite(d.history[-1]["loss"])
-    with pytest.raises(ValueError, match="grad_scaler"): distiller(precision="fp16", grad_scaler=dict(scale=3))
-    with pytest.raises(ValueError, match="init_scale"): distiller(precision="fp16", grad_scaler=dict(init_scale=0))
-    with pytest.raises(ValueError, match="grad_scaler"):
+    with pytest.raises(ValueError, match="grad_scaler"): make_accelerator("fp16", grad_scaler=dict(scale=3))
+    with pytest.raises(ValueError, match="init_scale"): make_accelerator("fp16", grad_scaler=dict(init_scale=0))
+    with pytest.raises(TypeError, match="grad_scaler"):              # a setting of the accelerator, not of the Distiller
         distiller(precision="fp16", grad_scaler=dict(init_scale=8.0), accelerator=make_accelerator("fp16"))
