@@ -619,10 +619,6 @@ def check_inputs(cfg:dict):
         elif not any(f.is_file() for pat in DEFAULT_PATTERNS for f in p.rglob(pat)):
             raise ValueError(f"data: directory {d!r} has no {'/'.join(DEFAULT_PATTERNS)} files")
     ood = cfg["ood"]
-    if ood == "stdlib":
-        import kdlit.data
-        if not hasattr(kdlit.data, "stdlib_docstrings"):
-            raise ValueError("ood: 'stdlib' needs kdlit.data.stdlib_docstrings, which this kdlit does not have; give text files or 'none'")
     for d in ood if isinstance(ood, list) else []: _check_readable(pathlib.Path(d).expanduser(), "ood")
     ck = checkpoint_dir(cfg)
     if ck is not None and not ck.is_dir():
@@ -741,10 +737,9 @@ def load_data(cfg:dict, tok, teacher):
 OOD_NAMES = dict(stdlib="docstrings of the Python standard library's modules (kdlit.data.stdlib_docstrings)")
 
 def ood_source(cfg:dict):
-    "What `cfg['ood']` means: 'stdlib', a list of paths, or None; 'auto' is 'stdlib' for the default corpus (when available)."
-    import kdlit.data
+    "What `cfg['ood']` means: 'stdlib', a list of paths, or None; 'auto' is 'stdlib' for the default corpus."
     o = cfg["ood"]
-    if o == "auto": o = "stdlib" if cfg["data"] is None and cfg["dataset"] is None and hasattr(kdlit.data, "stdlib_docstrings") else "none"
+    if o == "auto": o = "stdlib" if cfg["data"] is None and cfg["dataset"] is None else "none"
     return None if o == "none" else o
 
 # %% ../nbs/08_cli.ipynb #1d4bcfd0
@@ -755,7 +750,7 @@ def ood_loader(cfg:dict, tok, n_blocks:int):
     src = ood_source(cfg)
     if src is None: return None, None
     n_tok = n_blocks * cfg["seq_len"]
-    texts = (kdata.stdlib_docstrings(max_chars=20 * n_tok) if src == "stdlib" else [t for p in src for t in kdata.load_texts(p)])
+    texts = (kdata.stdlib_docstrings() if src == "stdlib" else [t for p in src for t in kdata.load_texts(p)])
     blocks = kdata.pack_blocks(kdata.tokenize_texts(texts, tok, max_tokens=n_tok), cfg["seq_len"])
     if not len(blocks): raise ValueError(f"ood: the out-of-domain text is shorter than one sequence of {cfg['seq_len']} tokens")
     what = ", ".join(map(str, src)) if isinstance(src, list) else OOD_NAMES[src]

@@ -283,10 +283,15 @@ def test_seed_curriculum_brings_the_seed_temperature():
     assert resolve_config(curriculum="seed", temperature="1")["temperature"] == 1.0
 
 
-def test_ood_stdlib_without_the_corpus_is_one_line(assets, tmp_path):
-    if hasattr(importlib.import_module("kdlit.data"), "stdlib_docstrings"): pytest.skip("kdlit.data.stdlib_docstrings exists")
-    line = _one_line_failure(kdlit(*tiny_args(assets, tmp_path / "o", 2, "--ood", "stdlib")), tmp_path / "o")
-    assert "ood" in line and "stdlib_docstrings" in line
+def test_ood_stdlib(assets, tmp_path):
+    "--ood stdlib evaluates on the standard library's docstrings; --ood auto is that for the default corpus only."
+    from kdlit.cli import resolve_config, ood_source
+    out = tmp_path / "o"
+    r = kdlit(*tiny_args(assets, out, 2, "--ood", "stdlib"))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["ood"]["after_loss"] > 0 and s["ood"]["teacher_loss"] > 0 and "docstrings" in (out / "report.md").read_text()
+    assert ood_source(resolve_config()) == "stdlib" and ood_source(resolve_config(data="x.txt")) is None
 
 
 # ---------------------------------------------------------------- defects found as a new user (issue 14)
