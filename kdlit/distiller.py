@@ -178,8 +178,9 @@ class BatchStream:
                 for _ in range(n): next(self.it)
 
 # %% ../nbs/07_distiller.ipynb #5330fbdb
-DEFAULT_RECIPE = dict(curriculum=dict(kd=1.0, lm=0.0), temperature=["linear", 2.0, 1.5], divergence="forward_kl")
-"The default loss recipe of the `Distiller` and of `kdlit distill` (the seed's: pure KD, T 2.0 → 1.5): change it here, once."
+DEFAULT_RECIPE = dict(curriculum=dict(kd=0.5, lm=0.5), temperature=["linear", 2.0, 1.5], divergence="forward_kl")
+"""The default loss recipe of the `Distiller` and of `kdlit distill`: KD + CE 0.5 / 0.5, T 2.0 → 1.5, forward KL — the
+winner of the recipe study (nbs/92_recipe_study.ipynb), which checks that this is its best arm; change it here, once."""
 
 def _int(v, name, lo=1):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:

@@ -390,23 +390,29 @@ def test_save_pretrained_round_trip(tmp_path):
 # ---------------------------------------------------------------- the real teacher
 @pytest.mark.slow
 def test_real_teacher_kd_beats_ce_only():
-    "The notebook's comparison, shortened: same student, batches and schedule; KD must end with the lower val loss."
+    """The default recipe (`DEFAULT_RECIPE`, chosen by nbs/92_recipe_study.ipynb) against CE-only on the study's measure:
+    same student, batches, order and schedule; the mean LM loss over the validation split and out-of-domain text
+    (the standard library's docstrings) must be lower for the default, and so must the out-of-domain loss alone."""
     from kdlit.models import default_teacher, make_student
+    from kdlit.data import stdlib_docstrings, tokenize_texts, pack_blocks
+    from kdlit.losses import lm_loss
     teacher, tok = default_teacher()
     base = make_student(teacher, n_layers=10)
-    out, t_eval = {}, None
-    for name, cur, T in (("kd", dict(kd=0.5, lm=0.5), 1.0), ("ce", dict(kd=0.0, lm=1.0), 1.0)):   # the balanced recipe
-        torch.manual_seed(0)
-        dls = make_loaders(tok, block_size=32, batch_size=4, n_valid=8, seed=0)
-        d = Distiller(teacher, copy.deepcopy(base), dls, curriculum=cur, temperature=T, lr=2e-4, precision="no", verbose=False,
-                      cbs=[EvalCB(every=1000, at_start=False)])
-        d.teacher_eval = t_eval
+    dls = make_loaders(tok, block_size=64, batch_size=4, n_valid=16, seed=0)
+    sets = dict(valid=dls.valid_blocks, ood=pack_blocks(tokenize_texts(stdlib_docstrings(), tok), 64)[:16])
+    def losses(m):
+        with torch.no_grad(): return {k: float(lm_loss(m(input_ids=b).logits[:, :-1], b[:, 1:])) for k, b in sets.items()}
+    out = {}
+    for name, recipe in (("default", {}), ("ce", dict(curriculum=dict(kd=0.0, lm=1.0)))):
+        dls = make_loaders(tok, block_size=64, batch_size=4, n_valid=16, seed=0)   # same blocks, same order
+        d = Distiller(teacher, copy.deepcopy(base), dls, precision="no", verbose=False, cbs=[EvalCB(every=1000, at_start=False)], **recipe)
         d.fit(STEPS_REAL)
-        out[name], t_eval = d.evals[-1]["val_lm"], d.teacher_eval
-    assert out["kd"] < out["ce"], out
+        out[name] = losses(d.student.eval())
+    mean = {k: (v["valid"] + v["ood"]) / 2 for k, v in out.items()}
+    assert mean["default"] < mean["ce"] and out["default"]["ood"] < out["ce"]["ood"], out
 
 
-STEPS_REAL = 20
+STEPS_REAL = 30
 
 
 # ---------------------------------------------------------------- two processes (DDP on CPU through Accelerate)
