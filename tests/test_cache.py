@@ -145,7 +145,10 @@ def test_missing_manifest_and_damaged_shards(pair, dls, tmp_path):
     with pytest.raises(ValueError, match="unreadable manifest"): TeacherCache(tmp_path)
 
 
-def test_spec_validation():
+def test_spec_validation(pair, dls, tmp_path):
+    with pytest.raises(ValueError, match="exceeds the vocabulary"): cap(pair, dls, tmp_path, CacheSpec(k=300))
+    assert not list(tmp_path.iterdir())                                    # refused before anything is written
+    with pytest.raises(ValueError, match="needs one temperature"): CacheSpec(method="sample", temps=(1.0, 2.0))
     with pytest.raises(ValueError, match="method"): CacheSpec(method="top")
     with pytest.raises(ValueError, match="dtype"): CacheSpec(dtype="int8")
     with pytest.raises(ValueError, match="k must"): CacheSpec(k=0)
