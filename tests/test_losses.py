@@ -393,3 +393,44 @@ def test_inplace_writes_the_gradient_during_the_call():
     torch.testing.assert_close(w.detach(), ref.grad)     # already the gradient, before backward
     (2 * loss).backward()
     torch.testing.assert_close(w0.grad, 2 * ref.grad)
+
+
+# --- sparse targets --------------------------------------------------------------------------------------
+
+from kdlit.losses import SPARSE_DIVERGENCES, sparse_kd_loss, sparse_targets
+
+
+@FAST
+@given(pairs(), st.sampled_from(["topk", "tail", "tail_grid"]), st.sampled_from(SPARSE_DIVERGENCES), temps)
+def test_sparse_with_k_equal_v_is_dense(pair, method, div, T):
+    s, t, _ = pair
+    tg = sparse_targets(t, method, t.shape[-1], dtype=torch.float64)
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    ls, ld = sparse_kd_loss(a, tg, temperature=T, divergence=div), kd_loss(b, t, temperature=T, divergence=div, chunk_size=0)
+    ls.backward(); ld.backward()
+    assert torch.allclose(ls, ld, atol=1e-9, rtol=1e-9) and torch.allclose(a.grad, b.grad, atol=1e-12)
+
+
+@FAST
+@given(pairs(max_v=30), st.integers(1, 29), st.sampled_from([1.0, 1.5, 2.0, 3.0]))
+def test_tail_grid_is_a_lower_bound_at_its_temperatures(pair, k, T):
+    s, t, _ = pair
+    k = min(k, t.shape[-1])
+    tg = sparse_targets(t, "tail_grid", k, dtype=torch.float64)
+    assert sparse_kd_loss(s, tg, temperature=T) <= kd_loss(s, t, temperature=T, chunk_size=0) + 1e-9
+
+
+@pytest.mark.parametrize("div", ["reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"])
+def test_sparse_refuses_divergences_without_a_sparse_form(div):
+    t = logits(0, (2, 9))
+    with pytest.raises(ValueError, match="no sound sparse form"):
+        sparse_kd_loss(logits(1, (2, 9)), sparse_targets(t, "tail_grid", 3), divergence=div)
+
+
+def test_sparse_gives_the_targets_no_gradient():
+    t = logits(0, (4, 9)).requires_grad_()
+    tg = sparse_targets(t, "tail_grid", 3, dtype=torch.float64)
+    assert not tg.logp.requires_grad and not tg.lse.requires_grad
+    s = logits(1, (4, 9)).requires_grad_()
+    sparse_kd_loss(s, tg, temperature=2.0).backward()
+    assert t.grad is None and torch.isfinite(s.grad).all()
