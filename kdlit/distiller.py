@@ -362,7 +362,16 @@ def _graph(w): return contextlib.nullcontext() if w != 0 else torch.no_grad()   
 
 class LossSource:
     "The loss interface of the step: `src(learn, batch, num_items) -> (loss, logs)`; subclasses give `forward` and `token_losses`."
-    def forward(self, learn, batch): raise NotImplementedError      # -> (student output, teacher output or None)
+    def models(self, learn): raise NotImplementedError              # -> (teacher, student) callables for `forward`
+    def forward(self, learn, batch):
+        "(student output, teacher output or None) of a micro-batch; the teacher runs without a graph, only when needed."
+        (teacher, student), mask = self.models(learn), batch.get("attention_mask")
+        kw = dict(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=learn.need_hidden,
+                  output_attentions=learn.need_attn)
+        t_out = None
+        if learn.need_teacher:
+            with torch.no_grad(): t_out = teacher(**kw)
+        return student(**kw), t_out
     def token_losses(self, learn, s_out, t_out, y, num_items): raise NotImplementedError   # -> (weighted kd + lm, raw logs)
     def __call__(self, learn, batch: dict, num_items: int):
         mask = batch.get("attention_mask")
@@ -383,13 +392,7 @@ class LossSource:
 # %% ../nbs/07_distiller.ipynb #a09f6072
 class LogitsKD(LossSource):
     "kd and lm from the two models' full logits (`kd_loss`, `lm_loss`)."
-    def forward(self, learn, batch):
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
-        kw = dict(output_hidden_states=learn.need_hidden, output_attentions=learn.need_attn)
-        t_out = None
-        if learn.need_teacher:
-            with torch.no_grad(): t_out = learn.teacher(input_ids=ids, attention_mask=mask, **kw)
-        return learn.student(input_ids=ids, attention_mask=mask, **kw), t_out
+    def models(self, learn): return learn.teacher, learn.student
     def token_losses(self, learn, s_out, t_out, y, num_items):
         s, (wl, wk) = s_out.logits, (learn.weights.get("lm", 0.0), learn.weights.get("kd", 0.0))
         logs = dict(max_logit_student=s.detach().abs().amax())
@@ -406,13 +409,7 @@ class LogitsKD(LossSource):
 # %% ../nbs/07_distiller.ipynb #cb80f21c
 class FusedKD(LossSource):
     "kd and lm from hidden states, block by block (`fused_kd_loss`): the student's `[N, V]` logits never exist at once."
-    def forward(self, learn, batch):
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
-        kw = dict(output_hidden_states=learn.need_hidden, output_attentions=learn.need_attn)
-        t_out = None
-        if learn.need_teacher:
-            with torch.no_grad(): t_out = learn.teacher.get_decoder()(input_ids=ids, attention_mask=mask, **kw)
-        return learn.accelerator.unwrap_model(learn.student).get_decoder()(input_ids=ids, attention_mask=mask, **kw), t_out
+    def models(self, learn): return learn.teacher.get_decoder(), learn.accelerator.unwrap_model(learn.student).get_decoder()
     def token_losses(self, learn, s_out, t_out, y, num_items):
         h, W = s_out.last_hidden_state, learn.accelerator.unwrap_model(learn.student).get_output_embeddings().weight
         kd_on, w = learn.active["kd"], learn.weights
