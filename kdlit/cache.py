@@ -218,7 +218,7 @@ def capture_cache(teacher, # the teacher causal LM (on the device it should run 
                   batch_size:int|None=None, # blocks per teacher forward pass (default: `dls.batch_size`)
                   progress:bool=True, # a progress bar with tokens per second
                   overwrite:bool=False, # replace another cache found in `out_dir`
-                 ) -> TeacherCache:
+                 ): # -> TeacherCache (defined below) of the finished cache
     "Run the teacher once over every train and valid block and store its sparse targets as Arrow shards; resumable."
     spec, out = spec or CacheSpec(), pathlib.Path(out_dir).expanduser()
     plan = _plan(teacher, dls, spec, teacher_id, max(1, shard_tokens // dls.block_size))
