@@ -474,10 +474,11 @@ def verdict(summary:dict) -> str|None:
     if kd is None or ce is None: return None
     kdo, ceo = (s.get("ood") or {}).get("after_loss"), b.get("ood_after_loss")
     pct = lambda a, c: (1 - math.exp(a - c)) * 100      # % lower perplexity than CE-only
+    f = lambda x: f"{x:.1f}" if abs(x) >= 0.1 else f"{x:.1g}"   # a tiny margin is shown as tiny, not as 0.0
     has_o = kdo is not None and ceo is not None
     if pct(kd, ce) > 0 and (not has_o or pct(kdo, ceo) > 0):
-        return (f"distillation beat fine-tuning by {pct(kd, ce):.1f} % perplexity in-domain"
-                + (f", {pct(kdo, ceo):.1f} % out-of-domain" if has_o else ""))
+        return (f"distillation beat fine-tuning by {f(pct(kd, ce))} % perplexity in-domain"
+                + (f", {f(pct(kdo, ceo))} % out-of-domain" if has_o else ""))
     return (f"distillation did not beat fine-tuning: perplexity {_fmt_ppl(kd)} against {_fmt_ppl(ce)} for CE-only in-domain"
             + (f", {_fmt_ppl(kdo)} against {_fmt_ppl(ceo)} out-of-domain" if has_o else ""))
 

@@ -264,6 +264,8 @@ def test_verdict_line():
     s["baseline"]["after_loss"] = math.log(40)
     assert verdict(s).startswith("distillation did not beat fine-tuning: perplexity 50.0 against 40.0 for CE-only in-domain")
     assert verdict(dict(after_loss=1.0)) is None
+    tiny = dict(after_loss=5.53424, baseline=dict(after_loss=5.53426))      # a 0.002 % margin is not shown as "0.0 %"
+    assert verdict(tiny) == "distillation beat fine-tuning by 0.002 % perplexity in-domain"
 
 
 def test_divergence_option(assets, tmp_path):
