@@ -265,6 +265,7 @@ class Distiller:
                  beta: float = 0.5, # β of the generalized JSD (`divergence="jsd"`)
                  components: Sequence[nn.Module] = (), # alignment losses (CONTRACTS.md protocol), weighted by `name`
                  fused: bool | None = None, # the loss interface: `FusedKD` (True), `LogitsKD` (False), or None: fused wherever it applies (plain linear heads, one process, not fp16)
+                 loss=None, # a `LossSource` for the step (a teacher cache's, on-policy samples', your own); None: `FusedKD` or `LogitsKD` by `fused`
                  lr: float = 3e-4, # peak learning rate
                  grad_accum: int = 1, # micro-batches per optimizer step
                  max_grad_norm: float | None = 1.0, # clip the global gradient norm (None: measure only)
@@ -293,8 +294,10 @@ class Distiller:
             from kdlit.alignment import ensure_attentions
             ensure_attentions(teacher); ensure_attentions(student)
         self.accelerator = acc = accelerator if accelerator is not None else make_accelerator(precision)
-        self.fused = _use_fused(fused, student, teacher, self.active["kd"], acc)
-        self.loss_fn = FusedKD() if self.fused else LogitsKD()   # the loss interface
+        if loss is not None and not isinstance(loss, LossSource):
+            raise ValueError(f"loss: expected a kdlit.distiller.LossSource (or None), got {type(loss).__name__}")
+        self.fused = isinstance(loss, FusedKD) if loss is not None else _use_fused(fused, student, teacher, self.active["kd"], acc)
+        self.loss_fn = loss if loss is not None else FusedKD() if self.fused else LogitsKD()   # the loss interface
         self.teacher = teacher.to(acc.device).eval().requires_grad_(False)
         self.student = acc.prepare(student.train())
         self.component_modules = [acc.prepare(c) if any(True for _ in c.parameters()) else c.to(acc.device)

@@ -539,3 +539,20 @@ def test_grad_scaler_settings_reach_the_cpu_scaler():
     with pytest.raises(ValueError, match="init_scale"): make_accelerator("fp16", grad_scaler=dict(init_scale=0))
     with pytest.raises(TypeError, match="grad_scaler"):              # a setting of the accelerator, not of the Distiller
         distiller(precision="fp16", grad_scaler=dict(init_scale=8.0), accelerator=make_accelerator("fp16"))
+
+
+# ---------------------------------------------------------------- the loss interface is pluggable
+def test_a_given_loss_source_is_the_step_s_loss():
+    from kdlit.distiller import LogitsKD, LossSource
+    class Counting(LogitsKD):
+        calls = 0
+        def __call__(self, learn, batch, num_items): Counting.calls += 1; return super().__call__(learn, batch, num_items)
+    src = Counting()
+    d = distiller(loss=src, grad_accum=2)
+    assert d.loss_fn is src and not d.fused
+    plain = distiller(fused=False, grad_accum=2).fit(3)
+    d.fit(3)
+    assert Counting.calls == 6                       # one call per micro-batch
+    assert [r["loss"] for r in d.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-6)
+    with pytest.raises(ValueError, match="loss: expected a kdlit.distiller.LossSource"): distiller(loss=lambda *a: 0)
+    assert issubclass(Counting, LossSource)
