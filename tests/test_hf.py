@@ -62,6 +62,28 @@ def test_per_step_losses_equal_the_distillers(tmp_path, fused):
     assert logged[2]["T"] == pytest.approx(2.0) and logged[2]["D"] == pytest.approx(logged[2]["kd"] / 4.0)
 
 
+class MeanGap(torch.nn.Module):
+    "A parameter-free alignment loss: (mean h_s - mean h_t)^2 over valid positions."
+    name, needs_hidden_states, needs_attentions = "feat", True, False
+    def forward(self, s_out, t_out, mask):
+        return (s_out.hidden_states[-1][mask].mean() - t_out.hidden_states[-1][mask].mean()) ** 2
+
+
+def test_alignment_components_are_weighted_as_in_the_distiller(tmp_path):
+    teacher, student, tok, dls = setup(batch_size=2)
+    s2 = copy.deepcopy(student)
+    cur = dict(kd=1.0, lm=0.5, feat=("linear", 2.0, 0.5))
+    d = Distiller(teacher, student, dls, lr=3e-3, precision="no", verbose=False, fused=False, curriculum=cur, grad_accum=2,
+                  components=[MeanGap()], cbs=[EvalCB(every=100, at_start=False)]).fit(4)
+    tr = KDTrainer(s2, targs(tmp_path, steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2), teacher=teacher,
+                   fused=False, curriculum=cur, components=[MeanGap()], train_dataset=loader_examples(setup(batch_size=2)[3].train, 8),
+                   optimizers=opts(s2, 4))
+    tr.train()
+    for a, b in zip(d.history, tr.history):
+        for k in ("loss", "feat", "feat_weighted", "w_feat"): assert b[k] == pytest.approx(a[k], abs=1e-5), k
+    assert any("feat_weighted" in r for r in tr.state.log_history)
+
+
 def test_evaluation_reports_lm_perplexity_and_the_teachers_baseline(tmp_path):
     teacher, student, tok, dls = setup()
     valid = loader_examples(dls.valid, 1)
@@ -204,7 +226,7 @@ def test_resume_continues_the_curricula(tmp_path):
 
 # ---------------------------------------------------------------- LoRA students
 def test_lora_student_in_kdtrainer_trains_only_its_adapter_and_reloads(tmp_path):
-    from peft import PeftModel
+    PeftModel = pytest.importorskip("peft").PeftModel
     from transformers import AutoModelForCausalLM
     teacher, student, tok, dls = setup()
     ls = lora_student(student, r=4, alpha=8)
@@ -232,6 +254,7 @@ def test_lora_student_in_kdtrainer_trains_only_its_adapter_and_reloads(tmp_path)
 
 
 def test_lora_student_in_the_distiller_fused_and_guarded(tmp_path):
+    pytest.importorskip("peft")
     teacher, student, tok, dls = setup()
     ls = lora_student(student, r=4)
     before = state(ls)
