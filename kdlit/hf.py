@@ -76,6 +76,9 @@ class KDMixin:
         self.fused = isinstance(loss, FusedKD) if loss is not None else _use_fused(fused, model, teacher, self.active["kd"], self.accelerator)
         self.loss_fn = loss if loss is not None else FusedKD() if self.fused else LogitsKD()
         self.student, self._row_step, self._n_logged = self.model, None, 0
+        acc = self.accelerator
+        if acc.mixed_precision == "fp16" and acc.scaler is None and acc.device.type == "cpu":   # as `make_accelerator`:
+            acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu")                     # CPU fp16 gets its GradScaler
         self.add_callback(KDStepCallback(self))
 
 # %% ../nbs/07d_hf.ipynb #5bcb479b
@@ -175,8 +178,8 @@ def _guard_grads(self: KDMixin):
 @patch
 def _end_step(self: KDMixin):
     "Close the step in the guard (may raise `TrainingDiverged`), keep the LR where it was after a skip, record the row."
-    step, skipped = self.state.global_step - 1, self.skipped
-    advance = self.guard.end_step(step, skipped=skipped or self.accelerator.optimizer_step_was_skipped)
+    step, skipped, by_scaler = self.state.global_step - 1, self.skipped, self.accelerator.optimizer_step_was_skipped
+    advance = self.guard.end_step(step, skipped=skipped or by_scaler)
     s = self.lr_scheduler
     if skipped and not advance and s is not None:   # the Trainer stepped the schedule: take that step back
         s.last_epoch -= 2; s.step()
@@ -187,7 +190,7 @@ def _end_step(self: KDMixin):
         w = self.weights.get(k, 0.0)
         row[k], row[f"{k}_weighted"], row[f"w_{k}"] = f[k], w * f[k], w
     if "kd" in row: row["D"] = row["kd"] / self.T ** 2
-    row.update(T=self.T, T2=self.T ** 2, grad_norm=getattr(self, "grad_norm", math.nan), skipped=int(skipped),
+    row.update(T=self.T, T2=self.T ** 2, grad_norm=getattr(self, "grad_norm", math.nan), skipped=int(skipped or by_scaler),
                step_time=time.perf_counter() - self._t0)
     self.history.append(row)
     self._row_step = None

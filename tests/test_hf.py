@@ -156,14 +156,14 @@ def inject(tr, kind, k):
 
 FAULTS = [("teacher_nan", False, "no"), ("teacher_inf", False, "no"), ("hidden_nan", False, "no"), ("hidden_nan", True, "no"),
           ("grad_nan", False, "no"), ("grad_nan", True, "no"), ("teacher_nan", False, "bf16"), ("hidden_nan", True, "bf16"),
-          ("grad_nan", False, "bf16")]
+          ("grad_nan", False, "bf16"), ("teacher_nan", False, "fp16"), ("hidden_nan", True, "fp16"), ("grad_nan", False, "fp16")]
 
 
 @pytest.mark.parametrize("kind,fused,precision", FAULTS)
 def test_fault_matrix(tmp_path, kind, fused, precision):
     teacher, student, tok, dls = setup()
     k = 2
-    tr = KDTrainer(student, targs(tmp_path, steps=5, bf16=precision == "bf16", gradient_accumulation_steps=2,
+    tr = KDTrainer(student, targs(tmp_path, steps=5, bf16=precision == "bf16", fp16=precision == "fp16", gradient_accumulation_steps=2,
                                   per_device_train_batch_size=2),
                    teacher=teacher, fused=fused, train_dataset=loader_examples(dls.train, 5), optimizers=opts(student))
     assert tr.accelerator.mixed_precision == precision
@@ -171,13 +171,15 @@ def test_fault_matrix(tmp_path, kind, fused, precision):
     inject(tr, kind, k)
     tr.train()
     assert [r["skipped"] for r in tr.history] == [0, 0, 1, 0, 0]
-    assert tr.guard.n_skipped == 1 and tr.guard.anomalies[0].step == k
+    by_scaler = kind == "grad_nan" and precision == "fp16"      # fp16: an inf/NaN gradient is the GradScaler's to skip
+    assert (tr.guard.n_skipped, tr.guard.n_scaler_skips) == ((0, 1) if by_scaler else (1, 0)) and tr.guard.anomalies[0].step == k
+    if precision == "fp16": assert tr.accelerator.scaler is not None and tr.accelerator.scaler.is_enabled()
     assert max_diff(snap.before, snap.after) == 0.0            # the faulty step moved nothing
     assert snap.lr1 == snap.lr0                                 # and did not advance the LR schedule
     assert all(torch.isfinite(p).all() for p in tr.model.parameters())
     assert max_diff(snap.after, state_of(tr.model)) > 0         # training went on
     assert any("[GUARD]" in m for m in tr.kd_logs)
-    assert [r["skipped_steps"] for r in tr.state.log_history if "loss" in r][-1] == 1
+    assert [r["skipped_steps"] for r in tr.state.log_history if "loss" in r][-1] == (0 if by_scaler else 1)
 
 
 def test_all_masked_batch_is_a_finite_zero(tmp_path):
