@@ -183,7 +183,10 @@ def _end_step(self: KDMixin):
     s = self.lr_scheduler
     if skipped and not advance and s is not None:   # the Trainer stepped the schedule: take that step back
         s.last_epoch -= 2; s.step()
-    f = {k: float(v) for k, v in self._sums.items()}
+    keys = sorted(self._sums)
+    vals = torch.stack([self._sums[k].reshape(()) for k in keys]).to(self.args.device) if keys else torch.zeros(0)
+    if self.accelerator.num_processes > 1 and keys: vals = self.accelerator.reduce(vals, "sum")   # each process holds its share
+    f = dict(zip(keys, vals.tolist()))
     row = dict(step=self.state.global_step, p=self.p, loss=f.get("loss", math.nan))
     for k in ("kd", "lm", *(c.name for c in self.components)):
         if k not in f: continue

@@ -360,3 +360,42 @@ def test_trl_distillation_trainer_on_policy_with_kdlits_loss(tmp_path):
 def test_lm_batch_passes_plain_batches_through():
     b = dict(input_ids=torch.ones(1, 3, dtype=torch.long), labels=torch.ones(1, 3, dtype=torch.long))
     assert lm_batch(b) == (b, None)
+
+
+# ---------------------------------------------------------------- DDP (two CPU processes, gloo)
+DDP_SCRIPT = '''
+import sys, tempfile, json, torch
+from transformers import TrainingArguments
+from kdlit.models import tiny_pair
+from kdlit.data import make_loaders
+from kdlit.distiller import adamw, warmup_cosine
+from kdlit.hf import KDTrainer, loader_examples
+out, bs = sys.argv[1], int(sys.argv[2])
+teacher, student, tok = tiny_pair(seed=0)
+dls = make_loaders(tok, [%r], block_size=32, batch_size=4, n_valid=4, seed=0)
+ex = loader_examples(dls.train, 3)
+for i, e in enumerate(ex): e["labels"] = e["labels"].clone(); e["labels"][: 4 * (i %% 4) + 1] = -100
+opt = adamw()([p for p in student.parameters() if p.requires_grad], 3e-3)
+a = TrainingArguments(tempfile.mkdtemp(), max_steps=3, per_device_train_batch_size=bs, learning_rate=3e-3, use_cpu=True,
+                      report_to="none", save_strategy="no", train_sampling_strategy="sequential", disable_tqdm=True,
+                      remove_unused_columns=False, log_level="error")
+tr = KDTrainer(student, a, teacher=teacher, fused=False, train_dataset=ex, optimizers=(opt, warmup_cosine()(opt, 3)))
+tr.train()
+if tr.accelerator.is_main_process:
+    torch.save(dict(n=tr.accelerator.num_processes, loss=[r["loss"] for r in tr.history],
+                    state={k: v.detach().clone() for k, v in tr.accelerator.unwrap_model(tr.model).state_dict().items()}), out)
+''' % TEXT
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(tmp_path):
+    import os, subprocess, sys
+    script = tmp_path / "ddp.py"; script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), "4"], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "two.pt"), "2"],
+                   check=True, env=env, capture_output=True)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (one["n"], two["n"]) == (1, 2)
+    assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)       # each process's share, summed: the global loss
+    assert max_diff(one["state"], two["state"]) < 1e-5
