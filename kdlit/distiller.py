@@ -669,6 +669,7 @@ def _in_notebook() -> bool:
 class ProgressCB(Callback):
     "A fastprogress bar (`bar`; None: in notebooks) with a live loss plot in notebooks; a text log line `every` N steps; the summary."
     order = 30
+    mb = pb = None      # set by before_fit; cleanup_fit also runs when an earlier callback's before_fit raised
     def __init__(self, every: int | None = None, # a log line every N steps; None: about 20 per fit
                  bar: bool | None = None, # the fastprogress bar (None: only in notebooks)
                  plot_every: int | None = None, # redraw the live plot every N steps; None: about 50 times per fit
