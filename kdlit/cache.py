@@ -14,10 +14,11 @@ from torch.utils.data import DataLoader, Dataset
 from fastprogress.fastprogress import progress_bar
 from fastcore.basics import patch
 from .losses import SparseTargets, sparse_targets, SPARSE_METHODS, DEFAULT_TEMPS
-from .losses import lm_loss, sparse_kd_loss, SPARSE_DIVERGENCES
+from torch.autograd.function import once_differentiable
+from .losses import lm_loss, sparse_kd_loss, SPARSE_DIVERGENCES, _auto_chunk
 from .data import DataLoaders, ResumableSampler, _fingerprint
 from .metrics import perplexity, format_ppl, ppl_band
-from .distiller import Distiller, LossSource, _graph
+from .distiller import Distiller, LossSource, _graph, _fused_head
 
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'MANIFEST', 'PLAN', 'weights_sha256', 'blocks_sha256', 'CacheSpec', 'capture_cache',
@@ -387,8 +388,11 @@ class CachedKD(LossSource):
     "The Distiller's loss from a teacher cache: kd from the stored targets (`sparse_kd_loss`), lm from the student's logits."
     needs_teacher = False                       # `Distiller(None, student, cache.loaders(), loss=CachedKD(cache))`
     def __init__(self, cache, # a `TeacherCache` or its directory
+                 chunked:bool|None=None, # both terms block by block from the hidden states (True), from whole logits (False); None: wherever it applies
                 ):
+        if chunked is not None and not isinstance(chunked, bool): raise ValueError(f"chunked: expected True, False or None, got {chunked!r}")
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+        self.chunked, self._on = chunked, None  # `_on`: resolved for the run at its first step
         self._blocks = {}                       # split -> the cache's token blocks, read once, to check batches against
     def __repr__(self): return f"CachedKD({self.cache!r})"
     def identity(self) -> str:
@@ -396,7 +400,7 @@ class CachedKD(LossSource):
         m, s = self.cache.manifest, self.cache.spec
         return (f"the teacher cache of {m['teacher']['id']} (weights {m['teacher']['weights_sha256'][:12]}, corpus "
                 f"{m['data']['corpus_sha256'][:12]}, {s.method} k={s.k} {s.dtype})")
-    def models(self, learn): return None, learn.student      # no teacher to call: its side is in the batch
+
 
 # %% ../nbs/07b_cache.ipynb #824e1635
 @patch
@@ -416,7 +420,10 @@ def check(self:CachedKD, learn, teacher, student, dls) -> int|None:
         if not isinstance(ds, _CacheBlocks) or ds.split != split or ds.cache.manifest != self.cache.manifest:
             raise ValueError(f"dls: the {split} loader does not read this cache's {split} blocks ({type(ds).__name__}); "
                              "use cache.loaders() (or kdlit.cache.from_cache)")
-    learn.need_teacher = False                  # nothing in the step or the guard waits for a teacher's outputs
+    if self.chunked:
+        try: _fused_head(student, "student")
+        except ValueError as e: raise ValueError(f"chunked=True: {str(e).split(': ', 1)[1]}") from None
+    learn.need_teacher, self._on = False, None  # nothing in the step or the guard waits for a teacher's outputs
     return self.cache.check(student, learn.tokenizer, getattr(dls, "block_size", None))
 
 # %% ../nbs/07b_cache.ipynb #8b09bbbc
@@ -437,22 +444,75 @@ def targets(self:CachedKD, batch:dict, split:str="train") -> SparseTargets:
 
 # %% ../nbs/07b_cache.ipynb #b6dc025c
 @patch
+def chunks(self:CachedKD, learn) -> bool:
+    "Is the chunked path on for this run? Where asked (`chunked`), or (None) wherever it applies: a plain linear head, one process."
+    if self._on is None:
+        try: _fused_head(learn.accelerator.unwrap_model(learn.student), "student"); ok = learn.accelerator.num_processes == 1
+        except ValueError: ok = False
+        if self.chunked and learn.accelerator.num_processes > 1:
+            raise ValueError("chunked=True: runs on one process only (the decoder is called past the DDP wrapper); use chunked=False")
+        self._on = ok if self.chunked is None else self.chunked
+    return self._on
+
+@patch
+def models(self:CachedKD, learn):
+    "No teacher to call: its side is in the batch. The student whole (its logits), or its decoder (hidden states) when chunked."
+    return None, (learn.accelerator.unwrap_model(learn.student).get_decoder() if self.chunks(learn) else learn.student)
+
+@patch
 def forward(self:CachedKD, learn, batch):
     "(student output, this batch's cached targets): the teacher's side comes from the cache, checked to be this batch's."
     return LossSource.forward(self, learn, batch)[0], self.targets(batch, "train")
 
+
+# %% ../nbs/07b_cache.ipynb #e3519a8e
 @patch
-def token_losses(self:CachedKD, learn, s_out, tg, y, num_items):
-    "lm from the student's logits; kd from the stored targets at this step's T (T², `num_items`, the padded head as the live path)."
-    s, (wl, wk) = s_out.logits, (learn.weights.get("lm", 0.0), learn.weights.get("kd", 0.0))
-    logs = dict(max_logit_student=s.detach().abs().amax())
+def terms(self:CachedKD, learn, s, tg, y, num_items, logs:dict):
+    "Weighted lm + kd of logits `s` (rows) against labels `y` and targets `tg` of the same rows; raw values added to `logs`."
+    wl, wk = learn.weights.get("lm", 0.0), learn.weights.get("kd", 0.0)
     with _graph(wl): lm = lm_loss(s, y, num_items=num_items)
-    loss, logs["lm"] = (wl * lm if wl != 0 else s.new_zeros((), dtype=torch.float32)), lm.detach()
+    loss = wl * lm if wl != 0 else s.new_zeros((), dtype=torch.float32)
+    logs["lm"] = logs.get("lm", 0) + lm.detach()
     if learn.active["kd"]:
         with _graph(wk): kd = sparse_kd_loss(s, tg, y, temperature=learn.T, divergence=learn.divergence,
                                              num_items=num_items, vocab_size=learn.vocab_size)
-        logs["kd"] = kd.detach()
+        logs["kd"] = logs.get("kd", 0) + kd.detach()
         if wk != 0: loss = loss + wk * kd
+    return loss
+
+# %% ../nbs/07b_cache.ipynb #bb1043fa
+class _RowBlocks(torch.autograd.Function):
+    "Σ over blocks of `rows` rows of `f(logits, row_idx)`, the logits of `h` [N, H] through the head `W` [V, H]; see above."
+    @staticmethod
+    def forward(ctx, h, W, f, rows, logs):
+        S = (h @ W.t()).float()                 # the logits, then (block by block) their gradient
+        logs["max_logit_student"] = S.abs().amax()
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, S.shape[0], rows):
+            s = S[i:i + rows].detach().requires_grad_()
+            with torch.enable_grad(): loss = f(s, torch.arange(i, i + len(s), device=h.device))
+            g = torch.autograd.grad(loss, s)[0] if loss.requires_grad else torch.zeros_like(s)
+            total += loss.detach(); S[i:i + rows] = g
+        ctx.G = S; ctx.save_for_backward(h, W)
+        return total
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, go):
+        (h, W), G = ctx.saved_tensors, ctx.G.mul_(go.float())
+        return ((G @ W.float()).to(h.dtype) if ctx.needs_input_grad[0] else None,
+                (G.t() @ h.float()).to(W.dtype) if ctx.needs_input_grad[1] else None, None, None, None)
+
+@patch
+def token_losses(self:CachedKD, learn, s_out, tg, y, num_items):
+    "The weighted lm + kd and their raw values: from the student's logits, or block by block from its hidden states."
+    if not self.chunks(learn):
+        logs = dict(max_logit_student=s_out.logits.detach().abs().amax())
+        return self.terms(learn, s_out.logits, tg, y, num_items, logs), logs
+    h, W = s_out.last_hidden_state, learn.accelerator.unwrap_model(learn.student).get_output_embeddings().weight
+    logs, tgf, y2, w = {}, tg.flat(), y.reshape(-1), learn.weights
+    f = lambda s, r: self.terms(learn, s, tgf.rows(r), y2[r], num_items, logs)
+    with _graph(w.get("lm", 0.0) or (w.get("kd", 0.0) if learn.active["kd"] else 0.0)):
+        loss = _RowBlocks.apply(h.reshape(-1, h.shape[-1]), W, f, _auto_chunk(W.shape[0]), logs)
     return loss, logs
 
 # %% ../nbs/07b_cache.ipynb #c98de8eb
@@ -480,12 +540,12 @@ def from_cache(cache, # a `TeacherCache` or its directory
                batch_size:int|None=None, # None: the capture's (the live run's, so the same batches in the same order)
                num_workers:int=0, # DataLoader worker processes
                tokenizer=None, # the run's tokenizer: its hash is checked against the cache's; saved with the student
+               chunked:bool|None=None, # `CachedKD`'s: the terms block by block from the hidden states; None: wherever it applies
                **kwargs, # more `Distiller` arguments: curriculum, temperature, divergence, lr, grad_accum, cbs, precision, ...
               ) -> Distiller:
     "A `Distiller` that trains `student` from a teacher cache: its blocks, order, split and targets; no teacher."
-    for k in ("teacher", "loss", "fused"):
-        if k in kwargs: raise ValueError(f"{k}: a run from a teacher cache sets it (no teacher, CachedKD, the student's logits); "
-                                         "leave it out")
+    for k, why in (("teacher", "no teacher"), ("loss", "CachedKD"), ("fused", "no teacher head to fuse; `chunked=` chooses the path")):
+        if k in kwargs: raise ValueError(f"{k}: a run from a teacher cache sets it ({why}); leave it out")
     cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
     dls = cache.loaders(num_workers=num_workers, batch_size=batch_size)
-    return Distiller(None, student, dls, loss=CachedKD(cache), tokenizer=tokenizer, **kwargs)
+    return Distiller(None, student, dls, loss=CachedKD(cache, chunked), tokenizer=tokenizer, **kwargs)

@@ -197,15 +197,16 @@ def test_fit_from_cache_with_the_teacher_absent(pair, tmp_path):
     assert (tmp_path / "student" / "config.json").exists()
 
 
-@pytest.mark.parametrize("method,fused,divergence,accum", [("tail_grid", False, "forward_kl", 1), ("tail_grid", True, "forward_kl", 2),
-                                                           ("tail_grid", False, "soft_ce", 1), ("topk", False, "forward_kl", 1)])
-def test_cached_run_equals_live_run_at_k_equal_v(pair, tmp_path, method, fused, divergence, accum):
+@pytest.mark.parametrize("method,fused,chunked,divergence,accum", [
+    ("tail_grid", False, None, "forward_kl", 1), ("tail_grid", True, False, "forward_kl", 2),
+    ("tail_grid", False, True, "soft_ce", 1), ("topk", True, None, "forward_kl", 1), ("tail_grid", False, False, "soft_ce", 2)])
+def test_cached_run_equals_live_run_at_k_equal_v(pair, tmp_path, method, fused, chunked, divergence, accum):
     c = cap(pair, live_dls(), tmp_path, CacheSpec(method=method, k=257, dtype="float32"))
     p = tiny_pair()
     live = Distiller(p.teacher, p.student, live_dls(), fused=fused, divergence=divergence, grad_accum=accum, **kw()).fit(7)
     with no_teacher(pair):
-        cached = from_cache(c, tiny_pair().student, divergence=divergence, grad_accum=accum, **kw()).fit(7)
-    assert live.fused == fused
+        cached = from_cache(c, tiny_pair().student, chunked=chunked, divergence=divergence, grad_accum=accum, **kw()).fit(7)
+    assert live.fused == fused and cached.loss_fn.chunks(cached) == (chunked is not False)
     for a, b in zip(live.history, cached.history, strict=True):
         for k in ("loss", "kd", "lm", "grad_norm", "T", "tokens"): assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
     for a, b in zip(live.evals, cached.evals, strict=True):
@@ -262,6 +263,9 @@ def test_a_cache_that_does_not_fit_errors_before_training(pair, tmp_path):
     with pytest.raises(ValueError, match="pass teacher=None"): Distiller(pair.teacher, s, c.loaders(), loss=CachedKD(c))
     with pytest.raises(ValueError, match="teacher: a run from a teacher cache sets it"): from_cache(c, s, teacher=pair.teacher)
     with pytest.raises(ValueError, match="fused: a run from a teacher cache sets it"): from_cache(c, s, fused=True)
+    with pytest.raises(ValueError, match="chunked: expected True, False or None"): from_cache(c, s, chunked="yes")
+    biased = tiny_pair().student; biased.lm_head.bias = torch.nn.Parameter(torch.zeros(257))
+    with pytest.raises(ValueError, match="chunked=True: the student's output head has a bias"): from_cache(c, biased, chunked=True)
     with pytest.raises(ValueError, match="dls: the train loader does not read this cache"): Distiller(None, s, live_dls(), loss=CachedKD(c))
     other = cap(pair, live_dls(), tmp_path / "k4", CacheSpec(k=4))
     with pytest.raises(ValueError, match="dls: the train loader does not read this cache"):
