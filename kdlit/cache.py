@@ -540,6 +540,7 @@ def from_cache(cache, # a `TeacherCache` or its directory
                batch_size:int|None=None, # None: the capture's (the live run's, so the same batches in the same order)
                num_workers:int=0, # DataLoader worker processes
                tokenizer=None, # the run's tokenizer: its hash is checked against the cache's; saved with the student
+               block_size:int|None=None, # the run's block size, if it has one of its own: checked against the cache's
                chunked:bool|None=None, # `CachedKD`'s: the terms block by block from the hidden states; None: wherever it applies
                **kwargs, # more `Distiller` arguments: curriculum, temperature, divergence, lr, grad_accum, cbs, precision, ...
               ) -> Distiller:
@@ -547,5 +548,6 @@ def from_cache(cache, # a `TeacherCache` or its directory
     for k, why in (("teacher", "no teacher"), ("loss", "CachedKD"), ("fused", "no teacher head to fuse; `chunked=` chooses the path")):
         if k in kwargs: raise ValueError(f"{k}: a run from a teacher cache sets it ({why}); leave it out")
     cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+    if block_size is not None: cache.check(block_size=block_size)
     dls = cache.loaders(num_workers=num_workers, batch_size=batch_size)
     return Distiller(None, student, dls, loss=CachedKD(cache, chunked), tokenizer=tokenizer, **kwargs)

@@ -254,6 +254,8 @@ def test_a_cache_that_does_not_fit_errors_before_training(pair, tmp_path):
         from_cache(c, tiny_pair(vocab_size=200).student)
     tok = byte_tokenizer(); tok.add_tokens(["<extra>"])
     with pytest.raises(ValueError, match="tokenizer differs"): from_cache(c, s, tokenizer=tok)
+    with pytest.raises(ValueError, match="block_size is 64, the cache's 32"): from_cache(c, s, block_size=64)
+    assert isinstance(from_cache(c, s, tokenizer=pair.tokenizer, block_size=32).loss_fn, CachedKD)
     for div in ("reverse_kl", "jsd"):
         with pytest.raises(ValueError, match=f"divergence: '{div}' has no sound sparse form"): from_cache(c, s, divergence=div)
     from_cache(c, s, divergence="jsd", curriculum={"kd": 0.0, "lm": 1.0})                  # KD off: any divergence is moot
