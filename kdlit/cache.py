@@ -6,7 +6,7 @@ Docs: https://kdlit.github.io/kdlit/cache.html.md"""
 
 # %% ../nbs/07b_cache.ipynb #19166e35
 from __future__ import annotations
-import bisect, hashlib, json, math, os, pathlib, time
+import bisect, hashlib, json, math, os, pathlib, time, warnings
 from dataclasses import dataclass, asdict
 import numpy as np
 import torch
@@ -14,11 +14,15 @@ from torch.utils.data import DataLoader, Dataset
 from fastprogress.fastprogress import progress_bar
 from fastcore.basics import patch
 from .losses import SparseTargets, sparse_targets, SPARSE_METHODS, DEFAULT_TEMPS
+from torch.autograd.function import once_differentiable
+from .losses import lm_loss, sparse_kd_loss, SPARSE_DIVERGENCES, _auto_chunk
 from .data import DataLoaders, ResumableSampler, _fingerprint
+from .metrics import perplexity, format_ppl, ppl_band
+from .distiller import Distiller, LossSource, _graph, _fused_head
 
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'MANIFEST', 'PLAN', 'weights_sha256', 'blocks_sha256', 'CacheSpec', 'capture_cache',
-           'TeacherCache']
+           'TeacherCache', 'CachedKD', 'from_cache']
 
 # %% ../nbs/07b_cache.ipynb #f78748db
 def _datasets():
@@ -312,14 +316,15 @@ def _rows(self:TeacherCache, split:str, idx) -> dict:
 # %% ../nbs/07b_cache.ipynb #dadc9e84
 @patch
 def batch(self:TeacherCache, split:str, idx) -> dict:
-    "Blocks `idx` of `split` as a causal-LM batch (`input_ids`, `attention_mask`, `labels`) plus their `targets` (`SparseTargets`)."
+    "Blocks `idx` of `split` as a causal-LM batch (`input_ids`, `attention_mask`, `labels`), their `targets` and `cache_idx` (= `idx`)."
     c = self._rows(split, idx)
     x = torch.from_numpy(c["input_ids"].astype(np.int64))
     logp = torch.from_numpy(np.ascontiguousarray(c["logp"]))
     if self.spec.dtype == "bfloat16": logp = logp.view(torch.bfloat16)
     f = lambda name: torch.from_numpy(np.ascontiguousarray(c[name])) if name in c else None
     tg = SparseTargets(self.spec.method, torch.from_numpy(c["ids"].astype(np.int64)), logp, f("lse"), f("dlse"), self.spec.temps)
-    return dict(input_ids=x, attention_mask=torch.ones_like(x), labels=x.clone(), targets=tg)
+    return dict(input_ids=x, attention_mask=torch.ones_like(x), labels=x.clone(), targets=tg,
+                cache_idx=torch.as_tensor(np.asarray(idx, dtype=np.int64)))
 
 @patch
 def blocks(self:TeacherCache, split:str="train") -> torch.Tensor:
@@ -377,3 +382,172 @@ def check(self:TeacherCache, student=None, # the student causal LM (its output v
         elif V > self.vocab_size: vs = self.vocab_size
     if bad: raise ValueError(f"the teacher cache {self.path} does not fit this run: " + "; ".join(bad))
     return vs
+
+# %% ../nbs/07b_cache.ipynb #4293351e
+class CachedKD(LossSource):
+    "The Distiller's loss from a teacher cache: kd from the stored targets (`sparse_kd_loss`), lm from the student's logits."
+    needs_teacher = False                       # `Distiller(None, student, cache.loaders(), loss=CachedKD(cache))`
+    def __init__(self, cache, # a `TeacherCache` or its directory
+                 chunked:bool|None=None, # both terms block by block from the hidden states (True), from whole logits (False); None: wherever it applies
+                ):
+        if chunked is not None and not isinstance(chunked, bool): raise ValueError(f"chunked: expected True, False or None, got {chunked!r}")
+        self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+        self.chunked, self._on = chunked, None  # `_on`: resolved for the run at its first step
+        self._blocks = {}                       # split -> the cache's token blocks, read once, to check batches against
+    def __repr__(self): return f"CachedKD({self.cache!r})"
+    def identity(self) -> str:
+        "What a checkpoint records of this source: the teacher's weights, the corpus and the spec (not the path: a cache may move)."
+        m, s = self.cache.manifest, self.cache.spec
+        return (f"the teacher cache of {m['teacher']['id']} (weights {m['teacher']['weights_sha256'][:12]}, corpus "
+                f"{m['data']['corpus_sha256'][:12]}, {s.method} k={s.k} {s.dtype})")
+
+
+# %% ../nbs/07b_cache.ipynb #824e1635
+@patch
+def check(self:CachedKD, learn, teacher, student, dls) -> int|None:
+    "At `Distiller(...)`: no teacher, a divergence with a sparse form, no alignment, this cache's loaders, and `cache.check`."
+    if teacher is not None:
+        raise ValueError("teacher: a run from a teacher cache takes the teacher's targets from the cache; pass teacher=None "
+                         "(the teacher need not be loaded)")
+    if learn.active["kd"] and learn.divergence not in SPARSE_DIVERGENCES:
+        raise ValueError(f"divergence: {learn.divergence!r} has no sound sparse form, so a teacher cache cannot serve it; "
+                         f"use one of {SPARSE_DIVERGENCES}, or the live teacher")
+    if learn.components:
+        raise ValueError(f"components: {[c.name for c in learn.components]} align with the teacher's hidden states or "
+                         "attentions, which a teacher cache does not store; train them with the live teacher")
+    for split in ("train", "valid"):
+        ds = getattr(getattr(dls, split, None), "dataset", None)
+        if not isinstance(ds, _CacheBlocks) or ds.split != split or ds.cache.manifest != self.cache.manifest:
+            raise ValueError(f"dls: the {split} loader does not read this cache's {split} blocks ({type(ds).__name__}); "
+                             "use cache.loaders() (or kdlit.cache.from_cache)")
+    if self.chunked:
+        try: _fused_head(student, "student")
+        except ValueError as e: raise ValueError(f"chunked=True: {str(e).split(': ', 1)[1]}") from None
+    learn.need_teacher, self._on = False, None  # nothing in the step or the guard waits for a teacher's outputs
+    return self.cache.check(student, learn.tokenizer, getattr(dls, "block_size", None))
+
+# %% ../nbs/07b_cache.ipynb #8b09bbbc
+@patch
+def targets(self:CachedKD, batch:dict, split:str="train") -> SparseTargets:
+    "The cached targets `batch` carries, after checking that its `input_ids` are the cache's blocks `cache_idx` of `split`."
+    tg, idx, x = batch.get("targets"), batch.get("cache_idx"), batch["input_ids"]
+    if not isinstance(tg, SparseTargets) or idx is None:
+        raise ValueError(f"a {split} batch without cached targets (keys {sorted(batch)}): a run from a teacher cache reads "
+                         "its batches from cache.loaders()")
+    if split not in self._blocks: self._blocks[split] = self.cache.blocks(split)
+    ref, i = self._blocks[split], idx.detach().cpu().long()
+    ok = x.shape == (len(i), self.cache.block_size) and len(i) and 0 <= int(i.min()) and int(i.max()) < len(ref)
+    if not ok or not torch.equal(x.detach().cpu(), ref[i]):
+        raise ValueError(f"a {split} batch does not match its cached targets: its input_ids {tuple(x.shape)} are not the "
+                         f"cache's {split} blocks {i.tolist()[:8]}{'…' if len(i) > 8 else ''} (changed after loading?)")
+    return tg
+
+# %% ../nbs/07b_cache.ipynb #b6dc025c
+@patch
+def chunks(self:CachedKD, learn) -> bool:
+    "Is the chunked path on for this run? Where asked (`chunked`), or (None) wherever it applies: a plain linear head, one process."
+    if self._on is None:
+        try: _fused_head(learn.accelerator.unwrap_model(learn.student), "student"); ok = learn.accelerator.num_processes == 1
+        except ValueError: ok = False
+        if self.chunked and learn.accelerator.num_processes > 1:
+            raise ValueError("chunked=True: runs on one process only (the decoder is called past the DDP wrapper); use chunked=False")
+        self._on = ok if self.chunked is None else self.chunked
+    return self._on
+
+@patch
+def models(self:CachedKD, learn):
+    "No teacher to call: its side is in the batch. The student whole (its logits), or its decoder (hidden states) when chunked."
+    return None, (learn.accelerator.unwrap_model(learn.student).get_decoder() if self.chunks(learn) else learn.student)
+
+@patch
+def forward(self:CachedKD, learn, batch):
+    "(student output, this batch's cached targets): the teacher's side comes from the cache, checked to be this batch's."
+    return LossSource.forward(self, learn, batch)[0], self.targets(batch, "train")
+
+
+# %% ../nbs/07b_cache.ipynb #e3519a8e
+@patch
+def terms(self:CachedKD, learn, s, tg, y, num_items, logs:dict):
+    "Weighted lm + kd of logits `s` (rows) against labels `y` and targets `tg` of the same rows; raw values added to `logs`."
+    wl, wk = learn.weights.get("lm", 0.0), learn.weights.get("kd", 0.0)
+    with _graph(wl): lm = lm_loss(s, y, num_items=num_items)
+    loss = wl * lm if wl != 0 else s.new_zeros((), dtype=torch.float32)
+    logs["lm"] = logs.get("lm", 0) + lm.detach()
+    if learn.active["kd"]:
+        with _graph(wk): kd = sparse_kd_loss(s, tg, y, temperature=learn.T, divergence=learn.divergence,
+                                             num_items=num_items, vocab_size=learn.vocab_size)
+        logs["kd"] = logs.get("kd", 0) + kd.detach()
+        if wk != 0: loss = loss + wk * kd
+    return loss
+
+# %% ../nbs/07b_cache.ipynb #bb1043fa
+class _RowBlocks(torch.autograd.Function):
+    "Σ over blocks of `rows` rows of `f(logits, row_idx)`, the logits of `h` [N, H] through the head `W` [V, H]; see above."
+    @staticmethod
+    def forward(ctx, h, W, f, rows, logs):
+        S = (h @ W.t()).float()                 # the logits, then (block by block) their gradient
+        logs["max_logit_student"] = S.abs().amax()
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, S.shape[0], rows):
+            s = S[i:i + rows].detach().requires_grad_()
+            with torch.enable_grad(): loss = f(s, torch.arange(i, i + len(s), device=h.device))
+            g = torch.autograd.grad(loss, s)[0] if loss.requires_grad else torch.zeros_like(s)
+            total += loss.detach(); S[i:i + rows] = g
+        ctx.G = S; ctx.save_for_backward(h, W)
+        return total
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, go):
+        (h, W), G = ctx.saved_tensors, ctx.G.mul_(go.float())
+        return ((G @ W.float()).to(h.dtype) if ctx.needs_input_grad[0] else None,
+                (G.t() @ h.float()).to(W.dtype) if ctx.needs_input_grad[1] else None, None, None, None)
+
+@patch
+def token_losses(self:CachedKD, learn, s_out, tg, y, num_items):
+    "The weighted lm + kd and their raw values: from the student's logits, or block by block from its hidden states."
+    if not self.chunks(learn):
+        logs = dict(max_logit_student=s_out.logits.detach().abs().amax())
+        return self.terms(learn, s_out.logits, tg, y, num_items, logs), logs
+    h, W = s_out.last_hidden_state, learn.accelerator.unwrap_model(learn.student).get_output_embeddings().weight
+    logs, tgf, y2, w = {}, tg.flat(), y.reshape(-1), learn.weights
+    f = lambda s, r: self.terms(learn, s, tgf.rows(r), y2[r], num_items, logs)
+    with _graph(w.get("lm", 0.0) or (w.get("kd", 0.0) if learn.active["kd"] else 0.0)):
+        loss = _RowBlocks.apply(h.reshape(-1, h.shape[-1]), W, f, _auto_chunk(W.shape[0]), logs)
+    return loss, logs
+
+# %% ../nbs/07b_cache.ipynb #c98de8eb
+@patch
+def eval_kd(self:CachedKD, learn, s_logits, batch, y, n:int):
+    "Evaluation's KD term from the cached valid targets: `sparse_kd_loss` at T = 1 (exact for k = V, else the sparse estimate)."
+    return sparse_kd_loss(s_logits, self.targets(batch, "valid"), y, temperature=1.0, divergence="forward_kl",
+                          num_items=max(n, 1), vocab_size=learn.vocab_size)
+
+@patch
+def teacher_eval(self:CachedKD, learn, max_batches=None) -> dict:
+    "The teacher's validation LM loss and perplexity, measured at capture on the whole valid split (no teacher pass)."
+    b, nv, bs = self.cache.baseline, self.cache.manifest["data"]["n_valid"], learn.dls.valid.batch_size
+    if max_batches is not None and max_batches * bs < nv:
+        warnings.warn(f"the teacher baseline stored in the cache covers all {nv} validation blocks; this evaluation covers "
+                      f"the student on its first {max_batches * bs}")
+    lm = b["valid_loss"]
+    return dict(val_lm=lm, val_ppl=perplexity(lm), val_ppl_str=format_ppl(lm), val_band=ppl_band(perplexity(lm)),
+                val_tokens=b["valid_tokens"])
+
+# %% ../nbs/07b_cache.ipynb #2e70349b
+def from_cache(cache, # a `TeacherCache` or its directory
+               student, # the student causal LM (its vocabulary is checked against the cache's)
+               *,
+               batch_size:int|None=None, # None: the capture's (the live run's, so the same batches in the same order)
+               num_workers:int=0, # DataLoader worker processes
+               tokenizer=None, # the run's tokenizer: its hash is checked against the cache's; saved with the student
+               block_size:int|None=None, # the run's block size, if it has one of its own: checked against the cache's
+               chunked:bool|None=None, # `CachedKD`'s: the terms block by block from the hidden states; None: wherever it applies
+               **kwargs, # more `Distiller` arguments: curriculum, temperature, divergence, lr, grad_accum, cbs, precision, ...
+              ) -> Distiller:
+    "A `Distiller` that trains `student` from a teacher cache: its blocks, order, split and targets; no teacher."
+    for k, why in (("teacher", "no teacher"), ("loss", "CachedKD"), ("fused", "no teacher head to fuse; `chunked=` chooses the path")):
+        if k in kwargs: raise ValueError(f"{k}: a run from a teacher cache sets it ({why}); leave it out")
+    cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
+    if block_size is not None: cache.check(block_size=block_size)
+    dls = cache.loaders(num_workers=num_workers, batch_size=batch_size)
+    return Distiller(None, student, dls, loss=CachedKD(cache, chunked), tokenizer=tokenizer, **kwargs)

@@ -255,7 +255,7 @@ class Distiller:
     "Distil `teacher` into `student` on `dls` with the curricula, the guards and the callbacks described above."
     EVENTS = ("after_create", "before_fit", "before_step", "after_loss", "after_backward", "after_clip", "after_opt_step",
               "after_step", "after_eval", "after_fit", "after_cancel_fit", "cleanup_fit")
-    def __init__(self, teacher: nn.Module, # frozen teacher (Hugging Face causal LM); put in eval mode, never trained
+    def __init__(self, teacher: nn.Module | None, # frozen teacher (Hugging Face causal LM), never trained; None with a `loss` that needs none (a teacher cache)
                  student: nn.Module, # trainable student (Hugging Face causal LM) with the teacher's tokenizer
                  dls, # `kdlit.data.DataLoaders` (or anything with `.train` and `.valid` loaders of dict batches)
                  *,
@@ -277,8 +277,12 @@ class Distiller:
                  tokenizer=None, # saved with the student by `save_pretrained` (default: `dls.tokenizer`)
                  verbose: bool = True, # print log lines, evaluations and the closing summary
                 ):
+        if loss is not None and not isinstance(loss, LossSource):
+            raise ValueError(f"loss: expected a kdlit.distiller.LossSource (or None), got {type(loss).__name__}")
         for nm, m in (("teacher", teacher), ("student", student)):
-            if not isinstance(m, nn.Module): raise ValueError(f"{nm}: expected a torch nn.Module (a causal LM), got {type(m).__name__}")
+            if m is None and nm == "teacher" and loss is not None and not loss.needs_teacher: continue   # e.g. a teacher cache
+            if not isinstance(m, nn.Module): raise ValueError(f"{nm}: expected a torch nn.Module (a causal LM), got {type(m).__name__}"
+                + (" (None only with a loss source that needs no teacher, e.g. kdlit.cache.CachedKD)" if m is None else ""))
         if not (hasattr(dls, "train") and hasattr(dls, "valid")):
             raise ValueError(f"dls: expected an object with .train and .valid data loaders (kdlit.data.make_loaders), got {type(dls).__name__}")
         self.grad_accum, self.lr = _int(grad_accum, "grad_accum"), _pos(lr, "lr")
@@ -289,16 +293,14 @@ class Distiller:
         self.run_info = {}                 # recorded in checkpoints: e.g. the teacher, data, seq_len and batch_size of a CLI run
         self._set_recipe(curriculum, temperature, divergence, beta, components)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(dls, "tokenizer", None)
-        self.vocab_size = check_pair(teacher, student, self.tokenizer)
+        self.vocab_size = (loss or LossSource()).check(self, teacher, student, dls)   # the pair (or the cache) fits
         if self.need_attn:
             from kdlit.alignment import ensure_attentions
             ensure_attentions(teacher); ensure_attentions(student)
         self.accelerator = acc = accelerator if accelerator is not None else make_accelerator(precision)
-        if loss is not None and not isinstance(loss, LossSource):
-            raise ValueError(f"loss: expected a kdlit.distiller.LossSource (or None), got {type(loss).__name__}")
         self.fused = isinstance(loss, FusedKD) if loss is not None else _use_fused(fused, student, teacher, self.active["kd"], acc)
         self.loss_fn = loss if loss is not None else FusedKD() if self.fused else LogitsKD()   # the loss interface
-        self.teacher = teacher.to(acc.device).eval().requires_grad_(False)
+        self.teacher = None if teacher is None else teacher.to(acc.device).eval().requires_grad_(False)
         self.student = acc.prepare(student.train())
         self.component_modules = [acc.prepare(c) if any(True for _ in c.parameters()) else c.to(acc.device)
                                   for c in self.components]    # as called (DDP-wrapped when distributed)
@@ -365,6 +367,18 @@ def _graph(w): return contextlib.nullcontext() if w != 0 else torch.no_grad()   
 
 class LossSource:
     "The loss interface of the step: `src(learn, batch, num_items) -> (loss, logs)`; subclasses give `forward` and `token_losses`."
+    needs_teacher = True       # False: the source carries the teacher's signal itself (a cache): `Distiller(None, ...)` is allowed
+    def check(self, learn, teacher, student, dls):
+        "At `Distiller(...)`, before anything moves: can this source serve these models and data? The vocabulary to slice logits to."
+        return check_pair(teacher, student, learn.tokenizer)
+    def eval_kd(self, learn, s_logits, batch, y, n: int):
+        "Evaluation's KD term: KL(teacher ‖ student) at T = 1, the mean over the `n` valid targets `y` of a validation batch."
+        with learn.accelerator.autocast(): t = learn.teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        return kd_loss(s_logits, t, y, temperature=1.0, divergence="forward_kl", num_items=max(n, 1), vocab_size=learn.vocab_size)
+    def teacher_eval(self, learn, max_batches=None) -> dict:
+        "The teacher's validation LM loss and perplexity: the floor the student is measured against."
+        return _eval_model(learn, learn.teacher, kd=False, max_batches=max_batches)
+    def identity(self): return None   # a checkpoint records it and a resume must match it (a cache: its teacher, corpus, spec)
     def models(self, learn): raise NotImplementedError              # -> (teacher, student) callables for `forward`
     def forward(self, learn, batch):
         "(student output, teacher output or None) of a micro-batch; the teacher runs without a graph, only when needed."
@@ -569,15 +583,11 @@ def _eval_model(self: Distiller, model, *, kd: bool = True, max_batches=None, dl
         if max_batches is not None and i >= max_batches: break
         b = {k: v.to(acc.device) for k, v in b.items()}
         ids, mask = b["input_ids"], b.get("attention_mask")
-        with acc.autocast():
-            s_logits = model(input_ids=ids, attention_mask=mask).logits
-            t_logits = self.teacher(input_ids=ids, attention_mask=mask).logits if kd and model is not self.teacher else None
+        with acc.autocast(): s_logits = model(input_ids=ids, attention_mask=mask).logits
         s, y = s_logits, shift_labels(b["labels"], mask)
         n = (y != -100).sum()
         sums[0] += lm_loss(s, y, num_items=max(int(n), 1)).double() * n
-        if t_logits is not None:
-            sums[1] += kd_loss(s, t_logits, y, temperature=1.0, divergence="forward_kl",
-                               num_items=max(int(n), 1), vocab_size=self.vocab_size).double() * n
+        if kd and model is not self.teacher: sums[1] += self.loss_fn.eval_kd(self, s, b, y, int(n)).double() * n   # the source's teacher
         sums[2] += n
     if acc.num_processes > 1: sums = acc.reduce(sums, "sum")
     model.train(was)
@@ -594,7 +604,7 @@ def evaluate(self: Distiller,
     "Validation LM loss, perplexity (number, string, band) and KD loss (T=1) of the student; runs `after_eval`."
     mb = max_batches
     if self.teacher_eval is None:
-        self.teacher_eval = dict(_eval_model(self, self.teacher, kd=False, max_batches=mb), step=self.step)
+        self.teacher_eval = dict(self.loss_fn.teacher_eval(self, mb), step=self.step)   # live: measured; a cache: stored
     self.last_eval = dict(step=self.step, **_eval_model(self, self.student, max_batches=mb))
     self.evals.append(self.last_eval)
     self("after_eval")
@@ -659,6 +669,7 @@ def _in_notebook() -> bool:
 class ProgressCB(Callback):
     "A fastprogress bar (`bar`; None: in notebooks) with a live loss plot in notebooks; a text log line `every` N steps; the summary."
     order = 30
+    mb = pb = None      # set by before_fit; cleanup_fit also runs when an earlier callback's before_fit raised
     def __init__(self, every: int | None = None, # a log line every N steps; None: about 20 per fit
                  bar: bool | None = None, # the fastprogress bar (None: only in notebooks)
                  plot_every: int | None = None, # redraw the live plot every N steps; None: about 50 times per fit
@@ -773,7 +784,7 @@ def save_checkpoint(self: Distiller,
                     student=_fingerprint([acc.unwrap_model(self.student)]),
                     components=[c.name for c in self.components],
                     component_params=_fingerprint(self.components),
-                    precision=acc.mixed_precision, grad_accum=self.grad_accum, num_processes=acc.num_processes,
+                    precision=acc.mixed_precision, source=self.loss_fn.identity(), grad_accum=self.grad_accum, num_processes=acc.num_processes,
                     run=self.run_info)              # what the caller says the run is (teacher, data, ...): checked on resume
         (tmp / CKPT_META).write_text(json.dumps(meta, indent=1))
         if final.exists(): shutil.rmtree(final)
@@ -812,6 +823,9 @@ def load_checkpoint(self: Distiller, path) -> Distiller:
     if meta["components"] != names or meta["component_params"] != _fingerprint(self.components):
         raise ValueError(f"resume: the checkpoint has alignment components {meta['components']}, this Distiller has {names} "
                          "(or their projections differ in shape)")
+    if meta.get("source") != self.loss_fn.identity():
+        raise ValueError(f"resume: the checkpoint was trained from {meta.get('source') or 'the live teacher'}, this run from "
+                         f"{self.loss_fn.identity() or 'the live teacher'}: resume with the same teacher source")
     if meta["n_steps"] != self.n_steps:
         warnings.warn(f"resume: the checkpoint was planned for {meta['n_steps']} steps, this fit for {self.n_steps}: "
                       "the curricula and the LR schedule are stretched to the new length")
