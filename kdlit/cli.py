@@ -826,4 +826,6 @@ def main(argv:list|None=None, # arguments after `kdlit` (default: sys.argv[1:])
     return res if isinstance(res, int) and not isinstance(res, bool) else 0
 
 # %% ../nbs/08_cli.ipynb #7bd84d5c
-if __name__ == "__main__" and pathlib.Path(globals().get("__file__", "")).name == "cli.py": sys.exit(main())
+if __name__ == "__main__" and pathlib.Path(globals().get("__file__", "")).name == "cli.py":
+    from kdlit.cli import main as _main   # the module, not this `__main__` copy of it (docments read its source)
+    sys.exit(_main())
