@@ -72,11 +72,13 @@ def test_student_reloads_with_transformers(run):
 
 
 def test_config_json_round_trips(run):
-    from kdlit.cli import resolve_config, DEFAULTS, NOT_SAVED
+    import dataclasses
+    from kdlit.cli import resolve_config, DistillConfig, NOT_SAVED
     saved = json.loads((run / "config.json").read_text())
-    assert set(saved) == set(DEFAULTS) - {"resume", "overwrite", "allow_changes"} == set(DEFAULTS) - set(NOT_SAVED)
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    assert set(saved) == names - {"resume", "overwrite", "allow_changes"} == names - set(NOT_SAVED)
     cfg = resolve_config(run / "config.json")
-    assert cfg["steps"] == 8 and cfg["layers"] == saved["layers"] and cfg["temperature"] == saved["temperature"]
+    assert cfg.steps == 8 and cfg.layers == saved["layers"] and cfg.temperature == saved["temperature"]
 
 
 def test_config_file_and_flags(assets, tmp_path):
@@ -281,8 +283,8 @@ def test_divergence_option(assets, tmp_path):
 def test_seed_curriculum_brings_the_seed_temperature():
     from kdlit.cli import resolve_config
     cfg = resolve_config(curriculum="seed")
-    assert cfg["temperature"] == {"kind": "linear", "start": 2.0, "end": 1.5} and cfg["divergence"] == "forward_kl"
-    assert resolve_config(curriculum="seed", temperature="1")["temperature"] == 1.0
+    assert cfg.temperature == {"kind": "linear", "start": 2.0, "end": 1.5} and cfg.divergence == "forward_kl"
+    assert resolve_config(curriculum="seed", temperature="1").temperature == 1.0
 
 
 def test_ood_stdlib(assets, tmp_path):
@@ -345,7 +347,7 @@ def test_yaml_precision_no():
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         f = pathlib.Path(d) / "c.yaml"; f.write_text("precision: no\n")
-        assert resolve_config(f)["precision"] == "no"
+        assert resolve_config(f).precision == "no"
 
 
 def test_summary_has_no_nan_and_report_says_why(run, tmp_path):
@@ -424,3 +426,140 @@ def test_resume_into_the_baseline_phase(assets, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["steps_done"] == 4 and s["baseline"]["finished"] and s["baseline"]["steps_done"] == 4
     assert (out / "baseline/checkpoint/latest").exists() and "CE-only baseline after 4 steps" in (out / "report.md").read_text()
+
+
+# ---------------------------------------------------------------- one typed config, the Python API, the run record
+def test_one_typed_config_drives_the_flags():
+    "Every DistillConfig field is a flag with its docment as help; the YAML `no` stays 'no'; a bad value is one line naming it."
+    import dataclasses
+    from kdlit.cli import DistillConfig, parser, config_from_args
+    flags = {a.dest for a in parser("distill")._actions} - {"help", "config"}
+    assert flags == {f.name for f in dataclasses.fields(DistillConfig)}
+    cfg = config_from_args(["--steps", "7", "--select", "greedy", "--intermediate-size", "48", "--layers", "0,2"])
+    assert (cfg.steps, cfg.select, cfg.intermediate_size, cfg.layers) == (7, "greedy", 48, [0, 2])
+    assert DistillConfig(precision=False).precision == "no" and DistillConfig(fused=False).fused == "off"
+    for bad, name in [(dict(select="best"), "select"), (dict(intermediate_size=0), "intermediate_size"),
+                      (dict(calib_blocks=0), "calib_blocks"), (dict(student="s", intermediate_size=8), "student")]:
+        with pytest.raises(ValueError, match=name): DistillConfig(**bad)
+
+
+def test_config_file_then_flags_on_the_command_line(tmp_path):
+    "A --config file's values are the defaults that flags override, even a flag equal to the field's default."
+    from kdlit.cli import config_from_args
+    (tmp_path / "c.yaml").write_text("steps: 3\nbatch-size: 2\nprecision: no\ncurriculum: seed\n")
+    cfg = config_from_args(["--config", str(tmp_path / "c.yaml"), "--steps", "200"])
+    assert (cfg.steps, cfg.batch_size, cfg.precision) == (200, 2, "no")
+    assert cfg.temperature == {"kind": "linear", "start": 2.0, "end": 1.5} and cfg.curriculum["kd"]["kind"] == "warmup"
+
+
+def test_bad_select_is_one_line_before_loading(assets, tmp_path):
+    "Issue 19's options: a bad --select or --intermediate-size is one line, before any model loads."
+    line = _one_line_failure(kdlit(*tiny_args(assets, tmp_path / "o", 2, "--select", "best")), tmp_path / "o")
+    assert "select" in line
+    line = _one_line_failure(kdlit(*tiny_args(assets, tmp_path / "o", 2, "--intermediate-size", "0")), tmp_path / "o")
+    assert "intermediate_size" in line
+
+
+def test_measured_student_is_recorded(assets, tmp_path):
+    "--select block_influence --intermediate-size W: the student is chosen on training blocks; config.json and the report record it."
+    out = tmp_path / "sel"
+    r = kdlit(*tiny_args(assets, out, 2, "--n-layers", 2, "--select", "block_influence", "--intermediate-size", 16,
+                         "--calib-blocks", 2))
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((out / "config.json").read_text())
+    s = json.loads((out / "summary.json").read_text())
+    assert saved["select"] == "block_influence" and saved["intermediate_size"] == 16 and len(saved["layers"]) == 2
+    assert s["student"]["select"] == "block_influence" and s["student"]["intermediate_size"] == 16 and s["student"]["calib_tokens"] == 2 * 32
+    assert "by block_influence" in (out / "report.md").read_text() and "MLP width 16" in (out / "report.md").read_text()
+    from transformers import AutoConfig
+    assert AutoConfig.from_pretrained(out / "student").intermediate_size == 16
+    r = kdlit("distill", "--out", out, "--resume", "--steps", 3)       # config.json rebuilds the same student, unmeasured
+    assert r.returncode == 0, r.stderr
+
+
+def _tiny_cfg(assets, out, steps, **kw):
+    from kdlit.cli import DistillConfig
+    return DistillConfig(teacher=str(assets / "teacher"), data=[str(assets / "corpus.txt")], steps=steps, batch_size=4, seq_len=32,
+                         lr=3e-3, eval_interval=4, ckpt_interval=4, log_interval=4, out=str(out), **kw)
+
+
+class _StopAt:
+    "A Distiller callback that raises `exc` after step `n` (Ctrl-C or CancelFitException arriving then)."
+    order = 100
+    def __init__(self, n, exc): self.n, self.exc = n, exc
+    def after_step(self, learn):
+        if learn.step == self.n: raise self.exc()
+
+
+@pytest.mark.parametrize("stop", ["ctrl_c", "cancel"])
+def test_after_row_is_the_saved_student_evaluated(assets, tmp_path, stop):
+    "5. Stopped at step 6 (evaluations every 4): the report's 'after' row is the student saved at step 6, evaluated — not step 4's."
+    import torch
+    from kdlit.cli import distill, load_data
+    from kdlit.distiller import Distiller, CancelFitException
+    from kdlit.models import load_teacher
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "s"
+    exc = KeyboardInterrupt if stop == "ctrl_c" else CancelFitException
+    if stop == "ctrl_c":
+        with pytest.raises(KeyboardInterrupt): distill(_tiny_cfg(assets, out, 20), cbs=[_StopAt(6, exc)])
+    else: distill(_tiny_cfg(assets, out, 20), cbs=[_StopAt(6, exc)])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["finished"] is False and s["steps_done"] == 6 and s["after_step"] == 6
+    h = history(out)
+    assert h[6]["val_lm"] == pytest.approx(s["after_loss"]) and h[4]["val_lm"] != pytest.approx(s["after_loss"])
+    assert "student after 6 steps" in (out / "report.md").read_text()
+    cfg = _tiny_cfg(assets, out, 20)                          # the saved student, evaluated afresh, is the row
+    teacher, tok = load_teacher(cfg.teacher)
+    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    d = Distiller(teacher, student, load_data(cfg, tok, teacher), verbose=False, precision="no")
+    assert d.eval_loss(d.valid_dl)["val_lm"] == pytest.approx(s["after_loss"], abs=1e-5)
+    r = kdlit("distill", "--out", out, "--resume", "--steps", 4)  # resumes the step-4 checkpoint and runs no step
+    assert r.returncode == 0, r.stderr
+    s2 = json.loads((out / "summary.json").read_text())
+    assert s2["after_step"] == 4 and s2["after_loss"] == pytest.approx(h[4]["val_lm"]) and s2["gap_closed"] != 0
+    assert "student after 4 steps" in (out / "report.md").read_text()
+
+
+def test_failed_checkpoint_write_keeps_the_last_and_records_the_run(assets, tmp_path, monkeypatch):
+    "3. A checkpoint write that fails mid-run (a full disk) keeps the last good checkpoint and still writes history, summary, report."
+    import errno
+    from fastcore.script import CliError
+    from kdlit.cli import distill
+    from kdlit.distiller import Distiller, find_checkpoint
+    orig, calls = Distiller.save_checkpoint, []
+    def failing(self, root, keep=1):
+        calls.append(self.step)
+        if len(calls) == 2:                                   # the second checkpoint: half written, then the disk is full
+            (pathlib.Path(root) / f".tmp-step-{self.step:07d}").mkdir(parents=True, exist_ok=True)
+            raise OSError(errno.ENOSPC, "No space left on device", str(root))
+        return orig(self, root, keep)
+    monkeypatch.setattr(Distiller, "save_checkpoint", failing)
+    out = tmp_path / "full"
+    with pytest.raises(CliError, match="cannot write"): distill(_tiny_cfg(assets, out, 12))
+    assert calls == [4, 8]
+    assert find_checkpoint(out / "checkpoint").name == "step-0000004"          # the last good one, intact
+    s = json.loads((out / "summary.json").read_text())
+    assert s["finished"] is False and s["steps_done"] == 8 and history(out)[-1]["step"] == 8
+    assert (out / "report.md").exists() and "Incomplete run" in (out / "report.md").read_text()
+    monkeypatch.setattr(Distiller, "save_checkpoint", orig)
+    r = kdlit("distill", "--out", out, "--resume", "--steps", 12)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "summary.json").read_text())["steps_done"] == 12
+
+
+def test_save_run_from_python(assets, tmp_path):
+    "A Distiller trained from Python writes the same run record as the CLI (record.save_run)."
+    from kdlit.record import save_run, RunDir
+    from kdlit.cli import load_data
+    from kdlit.distiller import Distiller
+    from kdlit.models import load_teacher, make_student
+    cfg = _tiny_cfg(assets, tmp_path / "py", 3)
+    teacher, tok = load_teacher(cfg.teacher)
+    d = Distiller(teacher, make_student(teacher, n_layers=1), load_data(cfg, tok, teacher), verbose=False).fit(3)
+    s = save_run(d, tmp_path / "py", config=cfg.saved())
+    rd = RunDir(tmp_path / "py")
+    for f in ("config.json", "history.csv", "summary.json", "health.md", "report.md", "plots/perplexity.png", "student/config.json"):
+        assert (rd.path / f).exists(), f
+    assert s["finished"] and s["steps_done"] == 3 and s["after_step"] == 3 and s["student"]["layers"] is not None
+    assert rd.has_run() and "| student before |" in rd.report.read_text()
