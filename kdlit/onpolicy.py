@@ -16,7 +16,7 @@ from .distiller import Callback, LogitsKD, BatchStream, shift_labels, count_toke
 
 # %% auto #0
 __all__ = ['DATA_ROWS', 'read_prompts', 'OnPolicyConfig', 'left_pad', 'relay', 'sample_continuations', 'render_prompts',
-           'corpus_prompts', 'OnPolicyStream', 'OnPolicyKD', 'continuation_stats', 'by_position']
+           'corpus_prompts', 'OnPolicyStream', 'OnPolicyKD', 'continuation_stats', 'by_position', 'side_by_side']
 
 # %% ../nbs/07c_onpolicy.ipynb #533bf2b7
 def _num(v, name, lo, hi, lo_open=False, hi_open=False) -> float:
@@ -334,3 +334,26 @@ def by_position(stats: dict, key: str = "D") -> torch.Tensor:
     s = torch.zeros(n, dtype=torch.float64).index_add_(0, stats["pos"], stats[key].double())
     c = torch.zeros(n, dtype=torch.float64).index_add_(0, stats["pos"], torch.ones_like(stats[key], dtype=torch.float64))
     return s / c
+
+# %% ../nbs/07c_onpolicy.ipynb #f73b7dd6
+def side_by_side(models: dict, # name -> 🤗 causal LM, e.g. {"teacher": t, "student before": s0, "student after": s1}
+                 prompts: list, # 1-d LongTensors (`corpus_prompts` of held-out blocks, or `render_prompts`)
+                 tokenizer, # decodes prompts and continuations
+                 *,
+                 max_new_tokens: int = 32,
+                 temperature: float = 0.0, # 0: greedy (a report that does not change from run to run)
+                 seed: int = 0,
+                ) -> list:
+    "One dict per prompt: its text and each model's continuation."
+    _count(max_new_tokens, "max_new_tokens"); _num(temperature, "temperature", 0, math.inf, hi_open=True)
+    if not prompts: raise ValueError("prompts: expected at least one prompt, got none")
+    eos = _eos_ids(tokenizer, next(iter(models.values())))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    rows = [dict(prompt=tokenizer.decode(p)) for p in prompts]
+    for name, m in models.items():
+        dev = next(m.parameters()).device
+        ps = [p.to(dev) for p in prompts]
+        b = sample_continuations(m, ps, max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos, pad_id=pad, seed=seed)
+        for r, p, ids, lab in zip(rows, ps, b["input_ids"], b["labels"]):
+            r[name] = tokenizer.decode(ids[lab != -100], skip_special_tokens=True)
+    return rows

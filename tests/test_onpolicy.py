@@ -248,3 +248,15 @@ def test_bad_setups_fail_at_construction():
     with pytest.raises(ValueError, match="kd weight is 0"): distiller(OnPolicyKD(), curriculum=dict(kd=0.0, lm=1.0))
     with pytest.raises(ValueError, match="exceeds the model's 64 positions"):
         distiller(OnPolicyKD(prompt_len=32, max_new_tokens=40), pair_kw=dict(max_position_embeddings=64))
+
+
+def test_side_by_side_report_rows():
+    from kdlit.onpolicy import side_by_side
+    t, s, tok = tiny_pair(seed=1, initializer_range=0.3)
+    ps = [torch.tensor(tok(x)["input_ids"]) for x in ("def f(x):", "a")]
+    rows = side_by_side({"teacher": t, "student": s}, ps, tok, max_new_tokens=6)
+    assert [r["prompt"] for r in rows] == ["def f(x):", "a"]
+    ref = sample_continuations(s, ps, max_new_tokens=6, temperature=0.0, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    for r, ids, lab in zip(rows, ref["input_ids"], ref["labels"]):
+        assert r["student"] == tok.decode(ids[lab != -100], skip_special_tokens=True)
+    with pytest.raises(ValueError, match="prompts: expected at least one prompt"): side_by_side({"s": s}, [], tok)
