@@ -563,3 +563,36 @@ def test_save_run_from_python(assets, tmp_path):
         assert (rd.path / f).exists(), f
     assert s["finished"] and s["steps_done"] == 3 and s["after_step"] == 3 and s["student"]["layers"] is not None
     assert rd.has_run() and "| student before |" in rd.report.read_text()
+
+
+def test_lora_student_saves_merged_and_adapter(assets, tmp_path):
+    "--lora-r: the layer-subset student trains LoRA adapters; student/ is the merged model, student_adapter/ the adapter."
+    peft = pytest.importorskip("peft")
+    import torch
+    from transformers import AutoModelForCausalLM
+    from kdlit.models import make_student
+    out = tmp_path / "lora"
+    r = kdlit(*tiny_args(assets, out, 6, "--lora-r", 4, "--lora-alpha", 8))
+    assert r.returncode == 0, r.stderr
+    assert (out / "student_adapter/adapter_config.json").exists() and (out / "student/config.json").exists()
+    cfg, s = json.loads((out / "config.json").read_text()), json.loads((out / "summary.json").read_text())
+    assert (cfg["lora_r"], cfg["lora_alpha"]) == (4, 8.0)
+    assert s["lora"]["r"] == 4 and s["lora"]["adapter"] == "student_adapter"
+    assert 0 < s["lora"]["trainable_params"] < s["lora"]["total_params"] and "LoRA r=4" in s["student_desc"]
+    assert s["steps_done"] == 6 and s["finished"] is True
+    merged = AutoModelForCausalLM.from_pretrained(out / "student").eval()
+    teacher = AutoModelForCausalLM.from_pretrained(assets / "teacher")
+    base = make_student(teacher, layers=cfg["layers"]).eval()
+    adapted = peft.PeftModel.from_pretrained(make_student(teacher, layers=cfg["layers"]), out / "student_adapter").eval()
+    x = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        m, a, b = merged(input_ids=x).logits, adapted(input_ids=x).logits, base(input_ids=x).logits
+    assert torch.allclose(m, a, atol=1e-5)          # the merged model is the base with the trained adapter folded in
+    assert not torch.allclose(m, b, atol=1e-4)      # and the adapter trained (B is 0 at the start)
+    assert "student_adapter/adapter_config.json" in json.loads((out / ".kdlit-manifest.json").read_text())
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "abc"])
+def test_bad_lora_r_is_one_line_before_loading(bad, assets, tmp_path):
+    line = _one_line_failure(kdlit(*tiny_args(assets, tmp_path / "o", 2, "--lora-r", bad)), tmp_path / "o")
+    assert "lora" in line and line.startswith("kdlit distill: error:"), line
