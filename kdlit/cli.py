@@ -6,11 +6,12 @@ Docs: https://kdlit.github.io/kdlit/cli.html.md"""
 
 # %% auto #0
 __all__ = ['FUSED', 'DEVICES', 'BASELINES', 'SEED_RECIPE', 'NOT_SAVED', 'ADAPTER_DIR', 'RUN_KEYS', 'COMMANDS', 'OOD_NAMES',
-           'temperature_spec', 'make_temperature', 'curriculum_spec', 'Range', 'Arg', 'check_value', 'DistillConfig',
-           'load_config', 'resolve_config', 'run_info', 'checkpoint_dir', 'check_inputs', 'add_config_args',
-           'distill_command', 'report_command', 'bench_command', 'parser', 'config_from_args', 'resolve_run',
-           'format_config', 'load_teacher_of', 'calib_of', 'fresh_student', 'build_student', 'make_lora', 'lora_info',
-           'load_data', 'ood_source', 'ood_loader', 'make_components', 'write_run', 'distill', 'report', 'main']
+           'SAMPLES', 'temperature_spec', 'make_temperature', 'curriculum_spec', 'Range', 'Arg', 'check_value',
+           'DistillConfig', 'load_config', 'resolve_config', 'run_info', 'checkpoint_dir', 'check_inputs',
+           'add_config_args', 'distill_command', 'report_command', 'bench_command', 'parser', 'config_from_args',
+           'resolve_run', 'format_config', 'load_teacher_of', 'calib_of', 'fresh_student', 'build_student',
+           'onpolicy_config', 'make_lora', 'lora_info', 'load_data', 'ood_source', 'ood_loader', 'make_components',
+           'write_run', 'onpolicy_samples', 'distill', 'report', 'main']
 
 # %% ../nbs/08_cli.ipynb #21c1ff2d
 import argparse, contextlib, dataclasses, importlib.util, json, math, os, pathlib, signal, sys, time, types, typing
@@ -213,6 +214,10 @@ def _check_config(self):
     if self.student is not None and self.n_layers is not None: raise ValueError("student: give a saved student or n_layers, not both")
     if self.student is not None and (self.select != "uniform" or self.intermediate_size is not None):
         raise ValueError("student: a saved student has no teacher layers or neurons to choose; drop select / intermediate_size")
+    if self.on_policy is None and (self.prompts is not None or self.seq_kd):
+        raise ValueError(f"{'prompts' if self.prompts is not None else 'seq_kd'}: used only by on-policy KD; add --on-policy LAMBDA")
+    if self.on_policy is not None and self.fused == "on":
+        raise ValueError("fused: on-policy KD computes its loss from the logits of sampled continuations; drop fused on")
     if self.data is not None and self.dataset is not None:
         raise ValueError("data: give files/directories (data) or a Hugging Face dataset (dataset), not both")
 
@@ -249,6 +254,13 @@ class DistillConfig:
     curriculum: Annotated[str|dict|None, _curriculum] = _CUR0 # loss weights: JSON/YAML dict of component -> schedule, a .json/.yaml file, or 'seed' (the seed's recipe)
     divergence: Literal[DIVERGENCES] = DEFAULT_RECIPE["divergence"] # the KD divergence D in T²·D (kdlit.losses.kd_loss)
     beta: Annotated[float, Range(0, 1)] = 0.5 # β of the generalized JSD (--divergence jsd)
+    on_policy: Annotated[float|None, Range(0, 1)] = None # on-policy KD (GKD): λ, the fraction of micro-batches whose continuations the student samples itself, graded by the teacher (default: off; the --baseline ce student stays off-policy)
+    max_new_tokens: int = 64 # on-policy: tokens sampled per continuation, after a prompt of the first min(32, seq_len/2) tokens of a block
+    gen_temperature: Annotated[float, Range(0)] = 1.0 # on-policy: sampling temperature (0: greedy), independent of --temperature
+    top_p: Annotated[float, Range(0, 1)] = 1.0 # on-policy: nucleus sampling (1: off)
+    top_k: Annotated[int, Range(0)] = 0 # on-policy: top-k sampling (0: off)
+    seq_kd: bool = False # on-policy: the other micro-batches are the teacher's samples (sequence-level KD) instead of the corpus
+    prompts: str|None = None # on-policy: prompts (.txt lines, .jsonl/.json records with a 'prompt' field) instead of corpus prefixes, rendered with the chat template
     baseline: Literal[BASELINES] = "none" # ce: then train the same student on cross-entropy alone, same batches and steps, and compare
     ood: Annotated[str|list[str], _ood, Arg(nargs="+")] = "auto" # out-of-domain text for the final evaluation: files/directories, 'stdlib', 'none', or 'auto' (stdlib for the default corpus)
     eval_interval: int = 50 # evaluate the student every N steps (and at the end)
@@ -370,6 +382,7 @@ def check_inputs(cfg:DistillConfig):
         if not (p/"config.json").is_file(): raise ValueError(f"student: {cfg.student!r} is not a save_pretrained directory (no config.json)")
     if cfg.lora_r is not None and importlib.util.find_spec("peft") is None:
         raise ValueError("lora_r: a LoRA student needs peft, which is not installed (pip install 'kdlit[lora]' or pip install peft)")
+    onpolicy_config(cfg)                         # builds (so checks) the on-policy settings, its prompts file included
     from kdlit.data import DEFAULT_PATTERNS
     for d in cfg.data or []:
         p = pathlib.Path(d).expanduser()
@@ -543,6 +556,14 @@ def build_student(cfg:DistillConfig, teacher, dls) -> tuple:
                            intermediate_size=cfg.intermediate_size, progress=False)
     return student, student.kdlit_info.layers, calib
 
+def onpolicy_config(cfg:DistillConfig):
+    "The `kdlit.onpolicy.OnPolicyConfig` of `--on-policy` and its flags (checked, prompts read), or None when off."
+    if cfg.on_policy is None: return None
+    from kdlit.onpolicy import OnPolicyConfig
+    return OnPolicyConfig(lmbda=cfg.on_policy, max_new_tokens=cfg.max_new_tokens, gen_temperature=cfg.gen_temperature,
+                          top_p=cfg.top_p, top_k=cfg.top_k, seq_kd=cfg.seq_kd, prompt_len=min(32, max(1, cfg.seq_len // 2)),
+                          prompts=cfg.prompts, seed=cfg.seed)
+
 def make_lora(cfg:DistillConfig, student):
     "The student that trains: `student` itself (full fine-tuning), or it wrapped with LoRA adapters of rank `cfg.lora_r`."
     if cfg.lora_r is None: return student
@@ -634,14 +655,14 @@ def _save_lora(d, rd:RunDir):
     acc.wait_for_everyone()
 
 # %% ../nbs/08_cli.ipynb #7fd9bc4f
-def _make_distiller(cfg:DistillConfig, teacher, student, dls, tok, *, curriculum, ckpt_dir, tty:bool, comps=(), cbs=()):
+def _make_distiller(cfg:DistillConfig, teacher, student, dls, tok, *, curriculum, ckpt_dir, tty:bool, comps=(), cbs=(), loss=None):
     from kdlit.distiller import Distiller, make_accelerator, EvalCB, CheckpointCB, ProgressCB, ScheduleCB
     try:
         acc = make_accelerator(cfg.precision, cpu=True) if cfg.device == "cpu" else None
         return Distiller(teacher, student, dls, tokenizer=tok, components=comps, curriculum=curriculum,
                          temperature=cfg.temperature, divergence=cfg.divergence, beta=cfg.beta, lr=cfg.lr,
                          grad_accum=cfg.grad_accum, precision=cfg.precision, fused=dict(auto=None, on=True, off=False)[cfg.fused],
-                         accelerator=acc, cbs=[EvalCB(every=cfg.eval_interval, batches=cfg.eval_batches),
+                         accelerator=acc, loss=loss, cbs=[EvalCB(every=cfg.eval_interval, batches=cfg.eval_batches),
                                                CheckpointCB(ckpt_dir, every=cfg.ckpt_interval), ScheduleCB(every=cfg.log_interval),
                                                ProgressCB(every=cfg.log_interval, bar=True if tty else None), *cbs])
     except ValueError as e: raise CliError(_one_line(e)) from None
@@ -672,6 +693,33 @@ def _fit(d, cfg:DistillConfig, ck, record, rd:RunDir, ckpt_dir:pathlib.Path, wha
         raise
     if d.step < cfg.steps: _stopped(d, record, rd, ckpt_dir, what, "cancelled", save_student=True)   # CancelFitException
     return d.step >= cfg.steps
+
+SAMPLES = "samples.md"    # an on-policy run: prompts with the teacher's and the trained student's continuations
+
+def onpolicy_samples(d, src, tok, n:int=3) -> list:
+    "`side_by_side` greedy continuations of `n` prompts (the chat prompts, else held-out blocks' prefixes): teacher, student after."
+    from kdlit.onpolicy import side_by_side, corpus_prompts
+    ps = src.prompt_ids[:n] if src.prompt_ids is not None else corpus_prompts(next(iter(d.dls.valid)), src.config.prompt_len)[:n]
+    student = d.accelerator.unwrap_model(d.student)
+    was = student.training
+    try: return side_by_side({"teacher": d.teacher, "student after": student.eval()}, ps, tok,
+                             max_new_tokens=min(32, src.config.max_new_tokens))
+    finally: student.train(was)
+
+def _write_samples(rd:RunDir, rows:list):
+    fence = lambda t: ["```text", t.replace("```", "'''"), "```", ""]
+    md = ["## Samples", "", "Greedy continuations after training (`kdlit.onpolicy.side_by_side`):", ""]
+    for i, r in enumerate(rows, 1):
+        md += [f"### Prompt {i}", "", *fence(r["prompt"])] + [x for k in r if k != "prompt" for x in [f"**{k}:**", "", *fence(r[k])]]
+    write_atomic(rd.path/SAMPLES, "\n".join(md)); rd.note(rd.path/SAMPLES)
+
+def _with_samples(rd:RunDir) -> str|None:
+    "report.md with the samples section of an on-policy run appended (None: the run has none)."
+    p = rd.path/SAMPLES
+    if not p.exists() or not rd.report.exists(): return None
+    text = rd.report.read_text().rstrip() + "\n\n" + p.read_text()
+    write_atomic(rd.report, text)
+    return text
 
 def _stopped(d, record, rd, ckpt_dir, what, how, save_student):
     with _no_interrupt():
@@ -760,6 +808,7 @@ def distill(config:DistillConfig|dict|str|os.PathLike|None=None, # a `DistillCon
     info = dict(teacher=tname, teacher_desc=_describe(teacher, name=tname), student_desc="student: " + _describe(student, layers),
                 layers=layers, corpus=repr(dls), load_s=time.time() - t0, t0=t0,
                 wall_s_before=read_summary(rd).get("wall_s", 0.0) if ck is not None else 0.0)
+    if cfg.on_policy is not None: info["on_policy"] = onpolicy_config(cfg).record()
     if cfg.lora_r is not None:
         info["lora"] = lora_info(cfg, student)
         info["student_desc"] += f"; LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha:g}: {info['lora']['trainable_params']:,} parameters train"
@@ -775,17 +824,23 @@ def _train(cfg, rd, ck, info, teacher, tok, dls, student, layers, calib, comps, 
     import torch
     torch.manual_seed(cfg.seed)
     tty = _IN_MAIN.get() and not _in_notebook() and sys.stdout.isatty() and main_proc
-    d = _make_distiller(cfg, teacher, student, dls, tok, curriculum=cfg.curriculum, ckpt_dir=rd.checkpoint, tty=tty, comps=comps, cbs=cbs)
+    op = onpolicy_config(cfg)
+    from kdlit.onpolicy import OnPolicyKD
+    src = None if op is None else OnPolicyKD(op)       # the loss and the callback that samples its batches
+    d = _make_distiller(cfg, teacher, student, dls, tok, curriculum=cfg.curriculum, ckpt_dir=rd.checkpoint, tty=tty, comps=comps,
+                        cbs=[*cbs, *([src] if src else [])], loss=src)
     d.run_info = run_info(cfg)
     if not _fit(d, cfg, ck, lambda save: write_run(d, cfg, rd, info, finished=False, save_student=save), rd, rd.checkpoint):
         return read_summary(rd)                           # cancelled by a callback: recorded as an incomplete run
     extra = dict(ood=_ood_evals(cfg, d, teacher, tok, layers, calib))
+    if src is not None and main_proc: _write_samples(rd, onpolicy_samples(d, src, tok))
     s = write_run(d, cfg, rd, info, extra=extra)
     if cfg.baseline == "ce":
         stop = lambda b: write_run(d, cfg, rd, info, extra=dict(extra, baseline=b), save_student=False)
         extra["baseline"] = _baseline(cfg, rd, d, teacher, tok, layers, calib, ck is not None, tty, stop)
         s = write_run(d, cfg, rd, info, extra=extra, save_student=False)
         say(f"[BASELINE] {verdict(s)}", flush=True)
+    if main_proc: _with_samples(rd)
     say(f"total wall time {_dur(s['wall_s'])} (loading {_dur(s['load_s'])}, training {_dur(s['train_s'])}"
         f"{', %.2f s/step' % s['s_per_step'] if s['s_per_step'] else ''})\n"
         f"wrote {rd.path}/: report.md, student/, {ADAPTER_DIR + '/, ' if cfg.lora_r is not None else ''}history.csv, summary.json, health.md, config.json, plots/*.png, checkpoint/", flush=True)
@@ -803,6 +858,7 @@ def report(run_dir:str, # output directory of a `kdlit distill` run
     "Re-render report.md and the plots of a run directory from its files."
     try: text = render_report(run_dir)
     except ValueError as e: raise CliError(str(e)) from None
+    text = _with_samples(RunDir(run_dir)) or text
     print(f"wrote {RunDir(run_dir).report} and {len(PLOTS)} plots in {RunDir(run_dir).plots}")
     return text
 

@@ -596,3 +596,31 @@ def test_lora_student_saves_merged_and_adapter(assets, tmp_path):
 def test_bad_lora_r_is_one_line_before_loading(bad, assets, tmp_path):
     line = _one_line_failure(kdlit(*tiny_args(assets, tmp_path / "o", 2, "--lora-r", bad)), tmp_path / "o")
     assert "lora" in line and line.startswith("kdlit distill: error:"), line
+
+
+def test_on_policy_run(assets, tmp_path):
+    "--on-policy 0.5: some micro-batches are the student's own samples (max_new_tokens graded tokens per row); recorded; samples in the report."
+    out = tmp_path / "op"
+    r = kdlit(*tiny_args(assets, out, 6, "--on-policy", 0.5, "--max-new-tokens", 8, "--baseline", "ce"))
+    assert r.returncode == 0, r.stderr
+    s, cfg = json.loads((out / "summary.json").read_text()), json.loads((out / "config.json").read_text())
+    assert s["on_policy"]["lmbda"] == 0.5 and s["on_policy"]["max_new_tokens"] == 8 and cfg["on_policy"] == 0.5
+    toks = [row["tokens"] for row in history(out)[1:]]
+    assert any(t <= 4 * 8 for t in toks) and any(t == 4 * 31 for t in toks), toks   # sampled batches and corpus batches
+    assert s["steps_done"] == 6 and s["baseline"]["steps_done"] == 6
+    assert all(row["tokens"] == 4 * 31 for row in history(out / "baseline")[1:])   # the CE baseline stays off-policy
+    report = (out / "report.md").read_text()
+    assert "## Samples" in report and "**teacher:**" in report and "**student after:**" in report
+    (out / "report.md").unlink()
+    assert kdlit("report", out).returncode == 0 and "## Samples" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["lambda", "max_new_tokens", "empty_prompts", "prompts_without_on_policy"])
+def test_bad_on_policy_is_one_line_before_loading(case, assets, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    args = dict(lambda_=["--on-policy", 1.5], max_new_tokens=["--on-policy", 0.5, "--max-new-tokens", 0],
+                empty_prompts=["--on-policy", 0.5, "--prompts", tmp_path / "empty.txt"],
+                prompts_without_on_policy=["--prompts", tmp_path / "empty.txt"])["lambda_" if case == "lambda" else case]
+    line = _one_line_failure(kdlit(*tiny_args(assets, tmp_path / "o", 2, *args)), tmp_path / "o")
+    want = dict(lambda_="on_policy", max_new_tokens="max_new_tokens", empty_prompts="prompts", prompts_without_on_policy="--on-policy")
+    assert want["lambda_" if case == "lambda" else case] in line and line.startswith("kdlit distill: error:"), line
