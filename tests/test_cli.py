@@ -624,3 +624,59 @@ def test_bad_on_policy_is_one_line_before_loading(case, assets, tmp_path):
     line = _one_line_failure(kdlit(*tiny_args(assets, tmp_path / "o", 2, *args)), tmp_path / "o")
     want = dict(lambda_="on_policy", max_new_tokens="max_new_tokens", empty_prompts="prompts", prompts_without_on_policy="--on-policy")
     assert want["lambda_" if case == "lambda" else case] in line and line.startswith("kdlit distill: error:"), line
+
+
+@pytest.fixture(scope="module")
+def cache_dir(assets):
+    "A teacher cache of the tiny teacher on the tiny corpus, as tiny_args would batch it."
+    out = assets / "cache"
+    r = kdlit("cache", "--teacher", assets / "teacher", "--data", assets / "corpus.txt", "--seq-len", 32, "--batch-size", 4,
+              "--k", 8, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_cache_then_distill_from_cache(cache_dir, assets, tmp_path):
+    "kdlit cache writes a finished cache (a rerun finds it done); distill --cache trains from it, no teacher forward pass."
+    m = json.loads((cache_dir / "manifest.json").read_text())
+    assert m["data"]["block_size"] == 32 and m["spec"]["k"] == 8 and m["data"]["n_train"] > 0
+    again = kdlit("cache", "--teacher", assets / "teacher", "--data", assets / "corpus.txt", "--seq-len", 32, "--batch-size", 4,
+                  "--k", 8, "--out", cache_dir)
+    assert again.returncode == 0 and json.loads((cache_dir / "manifest.json").read_text()) == m, again.stderr
+    out = tmp_path / "fc"
+    r = kdlit("distill", "--cache", cache_dir, "--teacher", assets / "teacher", "--steps", 6, "--lr", "3e-3",
+              "--eval-interval", 3, "--out", out)
+    assert r.returncode == 0, r.stderr
+    s, cfg = json.loads((out / "summary.json").read_text()), json.loads((out / "config.json").read_text())
+    assert cfg["cache"] == str(cache_dir) and (cfg["seq_len"], cfg["batch_size"]) == (32, 4)   # the cache's blocks and batches
+    assert s["cache"]["spec"]["k"] == 8 and s["steps_done"] == 6 and s["finished"] is True
+    assert math.isclose(s["teacher_loss"], m["baseline"]["valid_loss"], rel_tol=1e-9)       # from the cache, not a teacher pass
+    assert s["after_loss"] < s["before_loss"]
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out / "student").config.num_hidden_layers == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "no_manifest", "damaged_manifest", "with_data", "other_teacher"])
+def test_bad_cache_is_one_line(case, cache_dir, assets, tmp_path):
+    bad = tmp_path / "bad"
+    if case != "missing": shutil.copytree(cache_dir, bad)
+    if case == "no_manifest": (bad / "manifest.json").unlink()
+    if case == "damaged_manifest": (bad / "manifest.json").write_text('{"format": "kdlit-teacher-cache", "format_vers')
+    if case == "other_teacher":
+        from kdlit.models import tiny_pair
+        t, _, tok = tiny_pair(seed=1); t.save_pretrained(tmp_path / "t2"); tok.save_pretrained(tmp_path / "t2")
+    teacher = tmp_path / "t2" if case == "other_teacher" else assets / "teacher"
+    extra = ["--data", assets / "corpus.txt"] if case == "with_data" else []
+    r = kdlit("distill", "--cache", cache_dir if case in ("with_data", "other_teacher") else bad, "--teacher", teacher,
+              "--steps", 2, "--out", tmp_path / "o", *extra)
+    line = _one_line_failure(r, tmp_path / "o")
+    want = dict(missing="cache:", no_manifest="cache:", damaged_manifest="cache:", with_data="data: not with --cache",
+                other_teacher="not the teacher the cache was captured from")[case]
+    assert want in line and line.startswith("kdlit distill: error:"), line
+
+
+def test_cache_refuses_a_directory_that_is_not_a_cache(assets, tmp_path):
+    (tmp_path / "busy").mkdir(); (tmp_path / "busy" / "notes.txt").write_text("mine")
+    line = _one_line_failure(kdlit("cache", "--teacher", assets / "teacher", "--data", assets / "corpus.txt", "--out", tmp_path / "busy"))
+    assert "out:" in line and "holds no kdlit teacher cache" in line and line.startswith("kdlit cache: error:"), line
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
