@@ -7,12 +7,12 @@ Docs: https://kdlit.github.io/kdlit/cli.html.md"""
 # %% auto #0
 __all__ = ['FUSED', 'DEVICES', 'BASELINES', 'SEED_RECIPE', 'NOT_SAVED', 'ADAPTER_DIR', 'RUN_KEYS', 'COMMANDS', 'OOD_NAMES',
            'SAMPLES', 'temperature_spec', 'make_temperature', 'curriculum_spec', 'Range', 'Arg', 'check_value',
-           'DistillConfig', 'load_config', 'resolve_config', 'run_info', 'checkpoint_dir', 'check_inputs',
-           'add_config_args', 'distill_command', 'report_command', 'bench_command', 'parser', 'config_from_args',
-           'resolve_run', 'format_config', 'load_teacher_of', 'calib_of', 'fresh_student', 'build_student',
-           'onpolicy_config', 'open_cache', 'student_for_cache', 'make_lora', 'lora_info', 'load_data', 'ood_source',
-           'ood_loader', 'make_components', 'write_run', 'onpolicy_samples', 'distill', 'report', 'CacheConfig',
-           'check_cache_inputs', 'make_cache', 'cache_command', 'main']
+           'DistillConfig', 'load_config', 'resolve_config', 'run_info', 'checkpoint_dir', 'onpolicy_config',
+           'open_cache', 'check_inputs', 'add_config_args', 'distill_command', 'report_command', 'bench_command',
+           'parser', 'config_from_args', 'resolve_run', 'format_config', 'load_teacher_of', 'calib_of', 'fresh_student',
+           'build_student', 'student_for_cache', 'make_lora', 'lora_info', 'load_data', 'ood_source', 'ood_loader',
+           'make_components', 'write_run', 'onpolicy_samples', 'distill', 'report', 'CacheConfig', 'check_cache_inputs',
+           'make_cache', 'cache_command', 'main']
 
 # %% ../nbs/08_cli.ipynb #21c1ff2d
 import argparse, contextlib, dataclasses, importlib.util, json, math, os, pathlib, signal, sys, time, types, typing
@@ -382,6 +382,23 @@ def checkpoint_dir(cfg # a `DistillConfig` (or parsed flags): its `resume` and `
     if r is None: return None
     return RunDir(cfg.out).checkpoint if r in ("auto", "") else pathlib.Path(r).expanduser()
 
+# %% ../nbs/08_cli.ipynb #c0a1e5f3
+def onpolicy_config(cfg:DistillConfig):
+    "The `kdlit.onpolicy.OnPolicyConfig` of `--on-policy` and its flags (checked, prompts read), or None when off."
+    if cfg.on_policy is None: return None
+    from kdlit.onpolicy import OnPolicyConfig
+    return OnPolicyConfig(lmbda=cfg.on_policy, max_new_tokens=cfg.max_new_tokens, gen_temperature=cfg.gen_temperature,
+                          top_p=cfg.top_p, top_k=cfg.top_k, seq_kd=cfg.seq_kd, prompt_len=min(32, max(1, cfg.seq_len // 2)),
+                          prompts=cfg.prompts, seed=cfg.seed)
+
+def open_cache(cfg:DistillConfig):
+    "The `kdlit.cache.TeacherCache` that `cfg.cache` names (None without one); a missing or damaged manifest is one ValueError line."
+    if cfg.cache is None: return None
+    from kdlit.cache import TeacherCache
+    try: return TeacherCache(cfg.cache)
+    except (ValueError, KeyError, TypeError, OSError) as e: raise ValueError(f"cache: {_one_line(e)}") from None
+
+
 # %% ../nbs/08_cli.ipynb #5695e08d
 def _check_teacher(cfg):
     "The teacher a config (`DistillConfig`, `CacheConfig`) names, if it is a path: readable, a model directory or a .gguf file."
@@ -582,21 +599,6 @@ def build_student(cfg:DistillConfig, teacher, dls) -> tuple:
     student = make_student(teacher, n_layers=cfg.n_layers or max(1, round(n / 3)), select=cfg.select, calib=calib,
                            intermediate_size=cfg.intermediate_size, progress=False)
     return student, student.kdlit_info.layers, calib
-
-def onpolicy_config(cfg:DistillConfig):
-    "The `kdlit.onpolicy.OnPolicyConfig` of `--on-policy` and its flags (checked, prompts read), or None when off."
-    if cfg.on_policy is None: return None
-    from kdlit.onpolicy import OnPolicyConfig
-    return OnPolicyConfig(lmbda=cfg.on_policy, max_new_tokens=cfg.max_new_tokens, gen_temperature=cfg.gen_temperature,
-                          top_p=cfg.top_p, top_k=cfg.top_k, seq_kd=cfg.seq_kd, prompt_len=min(32, max(1, cfg.seq_len // 2)),
-                          prompts=cfg.prompts, seed=cfg.seed)
-
-def open_cache(cfg:DistillConfig):
-    "The `kdlit.cache.TeacherCache` that `cfg.cache` names (None without one); a missing or damaged manifest is one ValueError line."
-    if cfg.cache is None: return None
-    from kdlit.cache import TeacherCache
-    try: return TeacherCache(cfg.cache)
-    except (ValueError, KeyError, TypeError, OSError) as e: raise ValueError(f"cache: {_one_line(e)}") from None
 
 def student_for_cache(cfg:DistillConfig, cache) -> tuple:
     "`(student, layers, calib, tokenizer)` of a `--cache` run: --student, or layers of the cached teacher, which is then released."
