@@ -232,6 +232,7 @@ def capture_cache(teacher, # the teacher causal LM (on the device it should run 
     todo = [s for s in _shards(plan) if not (out / s[1]).exists()]
     total, done = sum(hi - lo for *_, lo, hi in todo) * dls.block_size, [0]
     bar = progress_bar(range(total), leave=False) if progress and total else None
+    if bar is not None: bar.update(0)            # starts its clock: a console bar's later updates need it
     def tick(n):
         done[0] += n
         if bar is not None: bar.update(done[0]); bar.comment = f"{done[0] / (time.perf_counter() - t0):,.0f} tokens/s"

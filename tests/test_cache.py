@@ -53,6 +53,14 @@ def test_round_trip(pair, dls, tmp_path, method):
     assert math.isclose(man["baseline"]["valid_ppl"], math.exp(man["baseline"]["valid_loss"]))
 
 
+def test_capture_with_its_progress_bar(pair, dls, tmp_path):
+    "The default progress=True (a console bar outside notebooks) captures the same cache as progress=False."
+    a = capture_cache(pair.teacher, dls, tmp_path / "a", CacheSpec(k=8), shard_tokens=32 * 7)
+    b = cap(pair, dls, tmp_path / "b")
+    ta, tb = a.batch("train", [0, 1])["targets"], b.batch("train", [0, 1])["targets"]
+    assert torch.equal(ta.ids, tb.ids) and torch.equal(ta.logp, tb.logp)
+
+
 def test_loaders_see_the_live_order(pair, dls, tmp_path):
     c = cap(pair, dls, tmp_path)
     L = c.loaders()

