@@ -215,8 +215,8 @@ def _check_config(self):
     if self.student is not None and self.n_layers is not None: raise ValueError("student: give a saved student or n_layers, not both")
     if self.student is not None and (self.select not in (None, "uniform") or self.intermediate_size is not None):
         raise ValueError("student: a saved student has no teacher layers or neurons to choose; drop select / intermediate_size")
-    if self.on_policy is None and (self.prompts is not None or self.seq_kd):
-        raise ValueError(f"{'prompts' if self.prompts is not None else 'seq_kd'}: used only by on-policy KD; add --on-policy LAMBDA")
+    if self.on_policy is None and (self.prompts is not None or self.seq_kd or self.prompt_len is not None):
+        raise ValueError(f"{'prompts' if self.prompts is not None else 'seq_kd' if self.seq_kd else 'prompt_len'}: used only by on-policy KD; add --on-policy LAMBDA")
     if self.on_policy is not None and self.fused == "on":
         raise ValueError("fused: on-policy KD computes its loss from the logits of sampled continuations; drop fused on")
     if self.data is not None and self.dataset is not None:
@@ -275,6 +275,7 @@ class DistillConfig:
     top_k: Annotated[int, Range(0)] = 0 # on-policy: top-k sampling (0: off)
     seq_kd: bool = False # on-policy: the other micro-batches are the teacher's samples (sequence-level KD) instead of the corpus
     prompts: str|None = None # on-policy: prompts (.txt lines, .jsonl/.json records with a 'prompt' field) instead of corpus prefixes, rendered with the chat template
+    prompt_len: int|None = None # on-policy: corpus prompts are the first PROMPT_LEN tokens of each block, fewer than seq_len (default: min(32, seq_len/2)); not with --prompts
     baseline: Literal[BASELINES] = "none" # ce: then train the same student on cross-entropy alone, same batches and steps, and compare
     ood: Annotated[str|list[str], _ood, Arg(nargs="+")] = "auto" # out-of-domain text for the final evaluation: files/directories, 'stdlib', 'none', or 'auto' (stdlib for the default corpus)
     eval_interval: int = 50 # evaluate the student every N steps (and at the end)
@@ -387,9 +388,14 @@ def onpolicy_config(cfg:DistillConfig):
     "The `kdlit.onpolicy.OnPolicyConfig` of `--on-policy` and its flags (checked, prompts read), or None when off."
     if cfg.on_policy is None: return None
     from kdlit.onpolicy import OnPolicyConfig
+    if cfg.prompt_len is not None and cfg.prompts is not None:
+        raise ValueError("prompt_len: sets the length of corpus prompts, but --prompts gives chat prompts, used whole; drop one")
+    if cfg.prompt_len is not None and cfg.prompt_len >= cfg.seq_len:
+        raise ValueError(f"prompt_len: a corpus prompt is the start of a seq_len block; expected fewer than seq_len ({cfg.seq_len}) "
+                         f"tokens, got {cfg.prompt_len}")
+    plen = cfg.prompt_len if cfg.prompt_len is not None else min(32, max(1, cfg.seq_len // 2))
     return OnPolicyConfig(lmbda=cfg.on_policy, max_new_tokens=cfg.max_new_tokens, gen_temperature=cfg.gen_temperature,
-                          top_p=cfg.top_p, top_k=cfg.top_k, seq_kd=cfg.seq_kd, prompt_len=min(32, max(1, cfg.seq_len // 2)),
-                          prompts=cfg.prompts, seed=cfg.seed)
+                          top_p=cfg.top_p, top_k=cfg.top_k, seq_kd=cfg.seq_kd, prompt_len=plen, prompts=cfg.prompts, seed=cfg.seed)
 
 def open_cache(cfg:DistillConfig):
     "The `kdlit.cache.TeacherCache` that `cfg.cache` names (None without one); a missing or damaged manifest is one ValueError line."
@@ -544,6 +550,9 @@ def config_from_args(argv:list[str], # the arguments after `kdlit distill`
     return DistillConfig(**{f.name: getattr(ns, f.name) for f in fields(DistillConfig)})
 
 # %% ../nbs/08_cli.ipynb #ce9603a3
+DEFAULT_SELECT = "greedy"
+"How `kdlit distill` chooses the teacher layers it keeps when none are given: greedy removal won the measurement (nb06, nb92)."
+
 def resolve_run(config=None, # a `DistillConfig`, a dict, or a config file's path
                 **options, # options that override it
                ) -> DistillConfig:
@@ -553,10 +562,19 @@ def resolve_run(config=None, # a `DistillConfig`, a dict, or a config file's pat
         config = _find_saved_config(checkpoint_dir(resolve_config(None, **given)))
     cfg = resolve_config(config, **given)
     check_inputs(cfg)
-    if cfg.cache is not None:                     # the cache's blocks and batches are the run's
-        d = open_cache(cfg).manifest["data"]
-        cfg = cfg.replace(seq_len=d["block_size"], batch_size=d["batch_size"], seed=d["seed"])
+    if cfg.cache is not None: cfg = _from_cache_data(cfg)
+    if cfg.student is None and cfg.layers is None and cfg.select is None: cfg = cfg.replace(select=DEFAULT_SELECT)
     return cfg
+
+def _from_cache_data(cfg:DistillConfig) -> DistillConfig:
+    "A `--cache` run's blocks and batches are the cache's: take them, refusing a value given otherwise (not the field's default)."
+    d, dflt = open_cache(cfg).manifest["data"], {f.name: f.default for f in fields(DistillConfig)}
+    theirs = dict(seq_len=d["block_size"], batch_size=d["batch_size"], seed=d["seed"])
+    for k, v in theirs.items():
+        if getattr(cfg, k) not in (v, dflt[k]):
+            raise ValueError(f"{k}: {getattr(cfg, k)} given, but the cache {cfg.cache!r} holds {k} = {v} "
+                             f"(a --cache run trains on the cache's blocks and batches); drop --{k.replace('_', '-')}")
+    return cfg.replace(**theirs)
 
 def format_config(cfg:DistillConfig) -> str:
     "The options as aligned `key  value` lines."
@@ -577,9 +595,6 @@ def load_teacher_of(cfg:DistillConfig):
     except OSError as e:
         raise ValueError(f"teacher: cannot load {cfg.teacher!r}: not a local model, and as a hub id it needs "
                          f"internet access or a cached copy ({_one_line(e.__cause__ or e)[:200]})") from e
-
-DEFAULT_SELECT = "greedy"
-"How `kdlit distill` chooses the teacher layers it keeps when none are given: greedy removal won the measurement (nb06, nb92)."
 
 def selection(cfg:DistillConfig) -> str|None:
     "How the student's layers are chosen: `cfg.select` or `DEFAULT_SELECT`; None when --layers or --student fix them."
