@@ -6,28 +6,28 @@ Docs: https://kdlit.github.io/kdlit/hf.html.md"""
 
 # %% ../nbs/07d_hf.ipynb #996beb6e
 from __future__ import annotations
-import copy, inspect, json, math, os, pathlib, shutil, time
+import contextlib, copy, inspect, json, math, os, pathlib, shutil, time
 from types import SimpleNamespace
 from fastcore.basics import patch
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from .distiller import Distiller, LossSource, LogitsKD, FusedKD, count_tokens, _use_fused, _eval_model, plain_for_saving
+from .distiller import Distiller, LossSource, LogitsKD, FusedKD, count_tokens, _use_fused, _eval_model, _fingerprint, plain_for_saving
 from .safeguards import StepGuard
 from .metrics import format_ppl
 from .models import check_pair
 
 # %% auto #0
-__all__ = ['KD_STATE', 'kd_recipe', 'KDMixin', 'lm_batch', 'KDStepCallback', 'KDTrainer', 'kd_trainer', 'loader_examples',
-           'lora_student', 'is_peft', 'save_student']
+__all__ = ['KD_STATE', 'KD_COMPONENTS', 'kd_recipe', 'KDMixin', 'lm_batch', 'KDStepCallback', 'KDTrainer', 'kd_trainer',
+           'loader_examples', 'lora_student', 'is_peft', 'save_student']
 
 # %% ../nbs/07d_hf.ipynb #f06ca5c1
 def kd_recipe(curriculum=None, # `Curriculum`, dict of weight specs, or None: `DEFAULT_RECIPE`'s
               temperature=None, # `TemperatureSchedule`, number or spec; None: `DEFAULT_RECIPE`'s
               divergence: str | None = None, # one of `kdlit.losses.DIVERGENCES`; None: `DEFAULT_RECIPE`'s
               beta: float = 0.5, # β of the generalized JSD
-              components=(), # parameter-free alignment losses (see `kdlit.alignment`), weighted by `name`
+              components=(), # alignment losses (see `kdlit.alignment`), weighted by `name`; `KDTrainer` trains their parameters
              ) -> SimpleNamespace:
     """The Distiller's loss recipe, checked exactly as the Distiller checks it (`Distiller._set_recipe`).
 
@@ -36,10 +36,6 @@ def kd_recipe(curriculum=None, # `Curriculum`, dict of weight specs, or None: `D
     """
     r = SimpleNamespace()
     Distiller._set_recipe(r, curriculum, temperature, divergence, beta, components)
-    for c in r.components:
-        if any(p.requires_grad for p in c.parameters()):
-            raise ValueError(f"components: {type(c).__name__} has trainable parameters, which a Trainer's optimizer "
-                             "does not see; use kdlit's Distiller for trainable projections, or freeze them")
     return r
 
 # %% ../nbs/07d_hf.ipynb #b24b1063
@@ -72,11 +68,13 @@ class KDMixin:
             f"[GUARD] step {a.step}: {a.component} is {a.kind} ({a.value}), "
             + ("the GradScaler skipped the step" if a.kind == "scaler_overflow" else "optimizer step skipped")))
         self.teacher = None if teacher is None else teacher.to(self.args.device).eval().requires_grad_(False)
-        self.component_modules = [c.to(self.args.device) for c in self.components]
+        acc = self.accelerator
+        self.component_modules = [acc.prepare(c) if _trainable(c) else c.to(acc.device)
+                                  for c in self.components]    # as the Distiller: as called (DDP-wrapped when distributed)
+        if self.optimizer is not None: self._check_optimizer()
         self.fused = isinstance(loss, FusedKD) if loss is not None else _use_fused(fused, model, teacher, self.active["kd"], self.accelerator)
         self.loss_fn = loss if loss is not None else FusedKD() if self.fused else LogitsKD()
         self.student, self._row_step, self._n_logged = self.model, None, 0
-        acc = self.accelerator
         if acc.mixed_precision == "fp16" and acc.scaler is None and acc.device.type == "cpu":   # as `make_accelerator`:
             acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu")                     # CPU fp16 gets its GradScaler
         self.add_callback(KDStepCallback(self))
@@ -138,7 +136,10 @@ def training_step(self: KDMixin, model, inputs, num_items_in_batch=None):
     "The base trainer's step, except for the rest of a step the guard has already skipped (nothing runs)."
     if self._row_step != self.state.global_step: self._begin_step()
     if self.skipped: return torch.tensor(math.nan, device=self.args.device)
-    return super(KDMixin, self).training_step(model, inputs, num_items_in_batch)
+    with contextlib.ExitStack() as sync:        # the Trainer syncs the student on the last micro-batch only; so the components
+        if not self.accelerator.sync_gradients:
+            for m in self.component_modules: sync.enter_context(self.accelerator.no_sync(m))
+        return super(KDMixin, self).training_step(model, inputs, num_items_in_batch)
 
 @patch
 def _get_num_items_in_batch(self: KDMixin, batch_samples, device):
@@ -158,12 +159,12 @@ class KDStepCallback(TrainerCallback):
         d = pathlib.Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if d.is_dir() and state.is_world_process_zero: self.trainer._save_kd_state(d)
 
-KD_STATE = "kdlit_trainer_state.json"
+KD_STATE, KD_COMPONENTS = "kdlit_trainer_state.json", "kdlit_components.pt"
 
 @patch
 def _guard_grads(self: KDMixin):
     "Check the (clipped) gradient norm; on any anomaly of this step drop every gradient, so the optimizer moves nothing."
-    params = [p for p in self.model.parameters() if p.requires_grad]
+    params = [p for p in self.model.parameters() if p.requires_grad] + self.component_parameters()
     if not self.skipped:
         grads = [p.grad for p in params if p.grad is not None]
         gn = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
@@ -196,6 +197,7 @@ def _end_step(self: KDMixin):
     row.update(T=self.T, T2=self.T ** 2, grad_norm=getattr(self, "grad_norm", math.nan), skipped=int(skipped or by_scaler),
                step_time=time.perf_counter() - self._t0)
     self.history.append(row)
+    for q in self.component_parameters(): q.grad = None    # the Trainer's `model.zero_grad()` reaches the student only
     self._row_step = None
 
 # %% ../nbs/07d_hf.ipynb #fe5e688e
@@ -248,13 +250,30 @@ def _recipe_spec(self: KDMixin) -> dict:
 @patch
 def _save_kd_state(self: KDMixin, d: pathlib.Path):
     st = dict(format="kdlit-trainer-state", version=1, recipe=self._recipe_spec(), guard=self.guard.state_dict(),
-              history=self.history, teacher_evals=self.teacher_evals)
+              history=self.history, teacher_evals=self.teacher_evals, component_params=_fingerprint(self.components))
+    if any(c.state_dict() for c in self.components):         # trainable projections: their weights (the optimizer's
+        tmp = d / (KD_COMPONENTS + ".tmp")                   # state for them is in the Trainer's optimizer.pt)
+        torch.save({c.name: c.state_dict() for c in self.components}, tmp); os.replace(tmp, d / KD_COMPONENTS)
     tmp = d / (KD_STATE + ".tmp")
     tmp.write_text(json.dumps(st, default=float)); os.replace(tmp, d / KD_STATE)
 
 @patch
+def _load_components(self: KDMixin, ck: pathlib.Path, st: dict):
+    "The components' weights from checkpoint `ck` (its kdlit state `st`), checked against this trainer's components."
+    fp = _fingerprint(self.components)
+    if st.get("component_params", fp) != fp:
+        raise ValueError(f"resume_from_checkpoint: the checkpoint's alignment components hold {st['component_params']['n_params']:,} "
+                         f"parameters in {st['component_params']['n_tensors']} tensors, this trainer's {fp['n_params']:,} in "
+                         f"{fp['n_tensors']}: build the same components to resume")
+    if not any(c.state_dict() for c in self.components): return
+    f = ck / KD_COMPONENTS
+    if not f.exists(): raise ValueError(f"resume_from_checkpoint: {ck} has no {KD_COMPONENTS}: its components' weights were not saved")
+    sd = torch.load(f, map_location="cpu", weights_only=True)
+    for c in self.components: c.load_state_dict(sd[c.name])
+
+@patch
 def train(self: KDMixin, resume_from_checkpoint=None, **kwargs):
-    "The base trainer's `train`; on resume, kdlit's state (guard, history) is restored from the checkpoint first."
+    "The base trainer's `train`; on resume, kdlit's state (guard, history, the components' weights) is restored from the checkpoint first."
     ck = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
     if ck is not None:
         f = pathlib.Path(ck) / KD_STATE
@@ -263,6 +282,7 @@ def train(self: KDMixin, resume_from_checkpoint=None, **kwargs):
         if st["recipe"] != json.loads(json.dumps(self._recipe_spec())):
             raise ValueError(f"resume_from_checkpoint: the checkpoint's recipe {st['recipe']} differs from this trainer's "
                              f"{self._recipe_spec()}: its curricula would not continue")
+        self._load_components(pathlib.Path(ck), st)
         self.guard.load_state_dict(st["guard"]); self.history, self.teacher_evals = st["history"], st["teacher_evals"]
         self._n_logged = len(self.history)
     return super(KDMixin, self).train(resume_from_checkpoint=ck, **kwargs)
@@ -273,6 +293,50 @@ def save_model(self: KDMixin, output_dir=None, _internal_call: bool = False):
     "The base trainer's `save_model`, also for a student dequantized from GGUF."
     with plain_for_saving(self.accelerator.unwrap_model(self.model)):
         return super(KDMixin, self).save_model(output_dir, _internal_call)
+
+# %% ../nbs/07d_hf.ipynb #e5f7a9b1
+def _trainable(m: nn.Module) -> bool: return any(p.requires_grad for p in m.parameters())
+
+@patch
+def component_parameters(self: KDMixin) -> list:
+    "The alignment components' trainable parameters (optimised with the student's)."
+    return [p for c in self.components for p in c.parameters() if p.requires_grad]
+
+@patch
+def _check_optimizer(self: KDMixin):
+    "An optimizer given through `optimizers=` must hold every trainable parameter of the components."
+    held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+    miss = [c.name for c in self.components if any(p.requires_grad and id(p) not in held for p in c.parameters())]
+    if miss: raise ValueError(f"optimizers: the optimizer given does not hold the trainable parameters of the alignment components "
+                              f"{miss}, so they would never train; build it over [*student.parameters(), *component.parameters()]")
+
+@patch
+def create_optimizer(self: KDMixin, model=None):
+    "The base trainer's optimizer of the student, with the components' trainable parameters in their own groups."
+    new = self.optimizer is None
+    opt = super(KDMixin, self).create_optimizer(model)
+    if new:
+        for c in self.components:
+            decay = set(self.get_decay_parameter_names(c))
+            for wd, on in ((self.args.weight_decay, True), (0.0, False)):
+                ps = [p for n, p in c.named_parameters() if p.requires_grad and (n in decay) == on]
+                if ps: opt.add_param_group(dict(params=ps, weight_decay=wd))
+    return opt
+
+@patch
+def _clip_grad_norm(self: KDMixin, model):
+    "Clip the student's and the components' gradients together, by their global norm (the Distiller's `params`)."
+    ps = self.component_parameters()
+    if not ps: return super(KDMixin, self)._clip_grad_norm(model)
+    return self.accelerator.clip_grad_norm_([*model.parameters(), *ps], self.args.max_grad_norm)
+
+@patch
+def _get_grad_norm(self: KDMixin, model, grad_norm=None):
+    "The gradient norm the Trainer logs, components included."
+    ps = self.component_parameters()
+    if grad_norm is None and ps: grad_norm = self.accelerator.clip_grad_norm_([*model.parameters(), *ps], math.inf)
+    return super(KDMixin, self)._get_grad_norm(model, grad_norm)
+
 
 # %% ../nbs/07d_hf.ipynb #68860f28
 class KDTrainer(KDMixin, Trainer):

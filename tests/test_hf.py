@@ -1,13 +1,14 @@
-"Integration tests of kdlit.hf: KDTrainer against the Distiller, gradient accumulation, the fault matrix, resume, LoRA, TRL."
-import copy, json, math, pathlib
+"Integration tests of kdlit.hf: KDTrainer against the Distiller, gradient accumulation, the fault matrix, resume, LoRA, TRL, DDP."
+import copy, json, math, os, pathlib, subprocess, sys
 
 import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
+from kdlit.alignment import ContrastiveAlignment, FeatureAlignment, layer_map
 from kdlit.data import make_loaders
 from kdlit.distiller import Callback, Distiller, EvalCB, adamw, warmup_cosine
-from kdlit.hf import KD_STATE, KDTrainer, kd_trainer, lm_batch, loader_examples, lora_student, save_student
+from kdlit.hf import KD_COMPONENTS, KD_STATE, KDTrainer, kd_trainer, lm_batch, loader_examples, lora_student, save_student
 from kdlit.models import tiny_pair
 from kdlit.safeguards import TrainingDiverged
 
@@ -27,8 +28,8 @@ def targs(out, steps=5, **kw):
     return TrainingArguments(str(out), **{**base, **kw})
 
 
-def opts(model, steps=5, lr=3e-3):
-    opt = adamw()([p for p in model.parameters() if p.requires_grad], lr)
+def opts(model, steps=5, lr=3e-3, components=()):
+    opt = adamw()([p for m in (model, *components) for p in m.parameters() if p.requires_grad], lr)   # the Distiller's `params`
     return opt, warmup_cosine()(opt, steps)
 
 
@@ -82,6 +83,71 @@ def test_alignment_components_are_weighted_as_in_the_distiller(tmp_path):
     for a, b in zip(d.history, tr.history):
         for k in ("loss", "feat", "feat_weighted", "w_feat"): assert b[k] == pytest.approx(a[k], abs=1e-5), k
     assert any("feat_weighted" in r for r in tr.state.log_history)
+
+
+def wide_pair():
+    "The tiny student (width 32) and a wider teacher (48) on the same byte vocabulary: alignment needs learned projections."
+    teacher, student, tok, dls = setup(batch_size=2)
+    return tiny_pair(hidden_size=48, seed=1).teacher, student, tok, dls
+
+
+def trainable_components():
+    torch.manual_seed(0)
+    return [FeatureAlignment(32, 48, layer_map(2, 4)), ContrastiveAlignment(32, 48, proj_dim=16)]
+
+
+def test_trainable_components_train_as_in_the_distiller(tmp_path):
+    teacher, student, tok, dls = wide_pair()
+    comps = trainable_components()
+    s2, c2 = copy.deepcopy(student), copy.deepcopy(comps)
+    p0 = state(torch.nn.ModuleList(comps))
+    cur = dict(kd=("linear", 1.0, 0.5), lm=0.5, feat=("linear", 2.0, 0.5), contr=0.3)
+    d = Distiller(teacher, student, dls, lr=3e-3, precision="no", verbose=False, fused=False, curriculum=cur, grad_accum=2,
+                  components=comps, cbs=[EvalCB(every=100, at_start=False)]).fit(5)
+    tr = KDTrainer(s2, targs(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2), teacher=teacher,
+                   fused=False, curriculum=cur, components=c2, train_dataset=loader_examples(wide_pair()[3].train, 10),
+                   optimizers=opts(s2, components=c2))
+    tr.train()
+    assert len(tr.history) == 5
+    for a, b in zip(d.history, tr.history):
+        for k in ("loss", "kd", "lm", "feat", "feat_weighted", "contr", "contr_weighted"): assert b[k] == pytest.approx(a[k], abs=1e-5), k
+    logged = [r["grad_norm"] for r in tr.state.log_history if "loss" in r]   # one norm (clipped) over student and projections
+    assert logged == pytest.approx([float(r["grad_norm"]) for r in d.history], rel=1e-4)
+    assert max_diff(state(d.accelerator.unwrap_model(d.student)), state(s2)) < 1e-5
+    assert max_diff(state(torch.nn.ModuleList(comps)), state(torch.nn.ModuleList(c2))) < 1e-5
+    assert max_diff(p0, state(torch.nn.ModuleList(c2))) > 1e-3                      # the projections trained
+    assert all(p.grad is None for c in c2 for p in c.parameters())                  # cleared after each step
+    out = tmp_path / "student"; tr.save_model(str(out))                             # training-only: not in the saved student
+    from safetensors.torch import load_file
+    assert set(load_file(out / "model.safetensors")) <= set(s2.state_dict())
+
+
+def test_resume_with_trainable_components_equals_an_uninterrupted_run(tmp_path):
+    teacher, student, tok, dls = wide_pair()
+    comps, cur = trainable_components()[:1], dict(kd=("linear", 1.0, 0.2), lm=0.5, feat=1.0)
+    ex = loader_examples(dls.train, 12)
+    def make(out, cs, **kw):            # the Trainer's own optimizer (create_optimizer) and LR schedule
+        return KDTrainer(copy.deepcopy(student), targs(out, steps=6, per_device_train_batch_size=2, save_strategy="steps", save_steps=3,
+                                                       weight_decay=0.1, **kw),
+                         teacher=teacher, fused=False, curriculum=cur, components=cs, train_dataset=ex)
+    full = make(tmp_path / "full", copy.deepcopy(comps)); full.train()
+    n_opt = sum(len(g["params"]) for g in full.optimizer.param_groups)
+    assert n_opt == len(list(full.model.parameters())) + len(list(comps[0].parameters()))   # the projections are optimised
+    assert {g["weight_decay"] for g in full.optimizer.param_groups} == {0.0, 0.1}
+    make(tmp_path / "cut", copy.deepcopy(comps)).train()                            # writes checkpoint-3 and checkpoint-6
+    ck = tmp_path / "cut" / "checkpoint-3"
+    assert (ck / KD_COMPONENTS).exists()
+    c_again = copy.deepcopy(comps)                                                  # fresh projections: the checkpoint's come back
+    again = make(tmp_path / "cut", c_again)
+    again.train(resume_from_checkpoint=str(ck))
+    assert [r["step"] for r in again.history] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full.history[3:], again.history[3:]):
+        for k in ("loss", "kd", "lm", "feat"): assert b[k] == pytest.approx(a[k], abs=1e-6), k
+    assert max_diff(state(full.model), state(again.model)) < 1e-6
+    assert max_diff(state(full.components[0]), state(c_again[0])) < 1e-6
+    assert max_diff(state(comps[0]), state(c_again[0])) > 1e-3
+    other = make(tmp_path / "cut", [FeatureAlignment(32, 48, [1])])
+    with pytest.raises(ValueError, match="alignment components"): other.train(resume_from_checkpoint=str(ck))
 
 
 def test_evaluation_reports_lm_perplexity_and_the_teachers_baseline(tmp_path):
@@ -299,15 +365,13 @@ def test_a_teacher_whose_vocabulary_does_not_fit(tmp_path):
         assert "\n" not in str(e.value)
 
 
-def test_trainable_components_and_bad_lora_settings_are_refused():
-    from torch import nn
-    class Proj(nn.Module):
-        name, needs_hidden_states, needs_attentions = "feat", True, False
-        def __init__(self): super().__init__(); self.w = nn.Linear(2, 2)
-    from kdlit.hf import kd_recipe
-    with pytest.raises(ValueError, match="components: Proj has trainable parameters"):
-        kd_recipe(curriculum=dict(kd=1.0, lm=0.5, feat=1.0), components=[Proj()])
-    student = tiny_pair().student
+def test_an_optimizer_without_the_components_and_bad_lora_settings_are_refused(tmp_path):
+    teacher, student, tok, dls = wide_pair()
+    comps = trainable_components()[:1]
+    with pytest.raises(ValueError, match=r"^optimizers: .*\['feat'\]") as e:
+        KDTrainer(student, targs(tmp_path), teacher=teacher, curriculum=dict(kd=1.0, lm=0.5, feat=1.0), components=comps,
+                  train_dataset=loader_examples(dls.train, 1), optimizers=opts(student))
+    assert "\n" not in str(e.value)
     for kw, msg in ((dict(r=0), "^r: "), (dict(alpha=0), "^alpha: "), (dict(dropout=1.5), "^dropout: "), (dict(target_modules=[]), "^target_modules: ")):
         with pytest.raises(ValueError, match=msg): lora_student(student, **kw)
     with pytest.raises(ValueError, match="^base: "): kd_trainer(dict)
@@ -366,36 +430,83 @@ def test_lm_batch_passes_plain_batches_through():
 DDP_SCRIPT = '''
 import sys, tempfile, json, torch
 from transformers import TrainingArguments
+from kdlit.alignment import FeatureAlignment, layer_map
 from kdlit.models import tiny_pair
 from kdlit.data import make_loaders
 from kdlit.distiller import adamw, warmup_cosine
 from kdlit.hf import KDTrainer, loader_examples
-out, bs = sys.argv[1], int(sys.argv[2])
+out, bs, feat = sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["feat"]
 teacher, student, tok = tiny_pair(seed=0)
 dls = make_loaders(tok, [%r], block_size=32, batch_size=4, n_valid=4, seed=0)
 ex = loader_examples(dls.train, 3)
-for i, e in enumerate(ex): e["labels"] = e["labels"].clone(); e["labels"][: 4 * (i %% 4) + 1] = -100
-opt = adamw()([p for p in student.parameters() if p.requires_grad], 3e-3)
+comps, kw = [], {}
+if feat:      # a wider teacher and a trainable projection; 2 accumulated micro-batches (each process's component stays unsynced
+    teacher = tiny_pair(hidden_size=48, seed=1).teacher                                 # until the last one)
+    torch.manual_seed(0); comps = [FeatureAlignment(32, 48, layer_map(2, 4))]
+    kw = dict(components=comps, curriculum=dict(kd=1.0, lm=0.5, feat=1.0))
+else:         # uneven valid targets per process: the divisor must be the global count
+    for i, e in enumerate(ex): e["labels"] = e["labels"].clone(); e["labels"][: 4 * (i %% 4) + 1] = -100
+opt = adamw()([p for m in (student, *comps) for p in m.parameters() if p.requires_grad], 3e-3)
 a = TrainingArguments(tempfile.mkdtemp(), max_steps=3, per_device_train_batch_size=bs, learning_rate=3e-3, use_cpu=True,
                       report_to="none", save_strategy="no", train_sampling_strategy="sequential", disable_tqdm=True,
-                      remove_unused_columns=False, log_level="error")
-tr = KDTrainer(student, a, teacher=teacher, fused=False, train_dataset=ex, optimizers=(opt, warmup_cosine()(opt, 3)))
+                      remove_unused_columns=False, log_level="error", gradient_accumulation_steps=2 if feat else 1)
+tr = KDTrainer(student, a, teacher=teacher, fused=False, train_dataset=ex, optimizers=(opt, warmup_cosine()(opt, 3)), **kw)
 tr.train()
 if tr.accelerator.is_main_process:
-    torch.save(dict(n=tr.accelerator.num_processes, loss=[r["loss"] for r in tr.history],
-                    state={k: v.detach().clone() for k, v in tr.accelerator.unwrap_model(tr.model).state_dict().items()}), out)
+    sd = {k: v.detach().clone() for k, v in tr.accelerator.unwrap_model(tr.model).state_dict().items()}
+    sd.update({f"component.{k}": v.detach().clone() for c in comps for k, v in c.state_dict().items()})
+    torch.save(dict(n=tr.accelerator.num_processes, loss=[r["loss"] for r in tr.history], state=sd,
+                    wrapped=[type(m).__name__ for m in tr.component_modules]), out)
 ''' % TEXT
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_equal_one(tmp_path):
-    import os, subprocess, sys
-    script = tmp_path / "ddp.py"; script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), "4"], check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path / "two.pt"), "2"],
-                   check=True, env=env, capture_output=True)
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    assert (one["n"], two["n"]) == (1, 2)
+DDP_ENV = dict(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+
+
+def run_script(tmp_path, launcher: list, name: str, bs: int, *args) -> dict:
+    "Run DDP_SCRIPT (per-process batch `bs`) under `launcher` (argv before the script: python, torchrun, accelerate); its result."
+    script = tmp_path / "ddp.py"
+    if not script.exists(): script.write_text(DDP_SCRIPT)
+    r = subprocess.run([*launcher, str(script), str(tmp_path / name), str(bs), *args], env=dict(os.environ, **DDP_ENV),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"{' '.join(launcher) or 'python'} failed:\n{r.stderr[-4000:]}"
+    return torch.load(tmp_path / name)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    "The script as one process with the whole batch: what two processes must equal."
+    return run_script(tmp_path_factory.mktemp("one"), [sys.executable], "one.pt", 4)
+
+
+def assert_two_equal_one(one, two):
+    assert (one["n"], two["n"]) == (1, 2)                             # really two processes (and one)
     assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)       # each process's share, summed: the global loss
     assert max_diff(one["state"], two["state"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(tmp_path, one_process):
+    two = run_script(tmp_path, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], "two.pt", 2)
+    assert_two_equal_one(one_process, two)
+
+
+@pytest.mark.slow
+def test_ddp_accelerate_launch_two_processes_equal_one(tmp_path, one_process):
+    # accelerate 1.16 on CPUs: `--cpu --num_processes 2` starts ONE process unless an MPI hostfile is given (its CPU launcher
+    # is mpirun); `--multi_gpu` is its torchrun launcher, and the script's TrainingArguments(use_cpu=True) makes each process
+    # a CPU one (gloo). Every setting is given, so no accelerate config file is read for them; port 0: a free one.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    two = run_script(tmp_path, launch, "two.pt", 2)
+    assert_two_equal_one(one_process, two)
+
+
+@pytest.mark.slow
+def test_ddp_trainable_components_two_processes_equal_one(tmp_path):
+    # Labels unmasked: a component's loss is its micro-batch mean weighted by the micro-batch's share of the targets (the
+    # Distiller's rule), which splits exactly over processes when every sequence has as many targets as positions count.
+    one = run_script(tmp_path, [sys.executable], "one.pt", 2, "feat")
+    two = run_script(tmp_path, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], "two.pt", 1, "feat")
+    assert (one["wrapped"], two["wrapped"]) == (["FeatureAlignment"], ["DistributedDataParallel"])   # as the Distiller prepares them
+    assert_two_equal_one(one, two)                 # the projections too: their gradients are all-reduced
