@@ -1,6 +1,6 @@
 """On-policy distillation (kdlit.onpolicy) on tiny pairs: λ = 0 is off-policy, masking and num_items, batched generation,
 seeds, resume, the guard, chat prompts, bad values."""
-import copy, math
+import copy, json, math, subprocess, sys
 
 import pytest
 import torch
@@ -260,3 +260,65 @@ def test_side_by_side_report_rows():
     for r, ids, lab in zip(rows, ref["input_ids"], ref["labels"]):
         assert r["student"] == tok.decode(ids[lab != -100], skip_special_tokens=True)
     with pytest.raises(ValueError, match="prompts: expected at least one prompt"): side_by_side({"s": s}, [], tok)
+
+
+# ---------------------------------------------------------------- the CLI: --prompt-len, resume through its checkpoint
+from test_cli import ENV, _one_line_failure, assets, history, kdlit, tiny_args   # noqa: E402,F401  (assets: the tiny saved teacher)
+
+STOP_AT = '''
+import sys
+from kdlit.cli import distill
+from kdlit.distiller import CancelFitException
+class Stop:
+    order = 100
+    def after_step(self, learn):
+        if learn.step == int(sys.argv[1]): raise CancelFitException()
+distill(sys.argv[2], cbs=[Stop()])
+'''
+
+
+def _student(run):
+    from safetensors.torch import load_file
+    return load_file(next((run / "student").glob("*.safetensors")))
+
+
+@pytest.mark.parametrize("case", ["zero", "not_an_int", "whole_block", "without_on_policy", "with_chat_prompts"])
+def test_bad_prompt_len_is_one_line_before_loading(case, assets, tmp_path):
+    (tmp_path / "p.txt").write_text("What is a list?\n")
+    args = dict(zero=["--on-policy", 0.5, "--prompt-len", 0], not_an_int=["--on-policy", 0.5, "--prompt-len", "x"],
+                whole_block=["--on-policy", 0.5, "--prompt-len", 32], without_on_policy=["--prompt-len", 8],
+                with_chat_prompts=["--on-policy", 0.5, "--prompt-len", 8, "--prompts", tmp_path / "p.txt"])[case]
+    line = _one_line_failure(kdlit(*tiny_args(assets, tmp_path / "o", 2, *args)), tmp_path / "o")   # seq_len 32
+    want = dict(zero="prompt_len: expected an int >= 1, got 0", not_an_int="--prompt-len: invalid int value: 'x'", whole_block="fewer than seq_len (32)",
+                without_on_policy="prompt_len: used only by on-policy KD; add --on-policy", with_chat_prompts="prompt_len: ")[case]
+    assert want in line and line.startswith("kdlit distill: error:"), line
+
+
+def test_on_policy_cli_resume_equals_the_uninterrupted_run(assets, tmp_path):
+    "--on-policy 0.5 stopped after step 6 and resumed (from the step-4 checkpoint) = the uninterrupted 8 steps: the generation RNG restores."
+    op = ("--on-policy", 0.5, "--max-new-tokens", 8, "--prompt-len", 8)     # seed 0: both kinds of batch after step 4
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = kdlit(*tiny_args(assets, full, 8, *op))
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((full / "config.json").read_text())
+    assert cfg["prompt_len"] == 8 and json.loads((full / "summary.json").read_text())["on_policy"]["prompt_len"] == 8
+    (tmp_path / "part.json").write_text(json.dumps(dict(cfg, out=str(part))))
+    r = subprocess.run([sys.executable, "-c", STOP_AT, "6", str(tmp_path / "part.json")], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((part / "summary.json").read_text())["steps_done"] == 6
+    assert (part / "checkpoint/latest").read_text().strip().endswith("4")
+    r = kdlit("distill", "--out", part, "--resume")                       # its config.json: 8 steps, --prompt-len 8
+    assert r.returncode == 0, r.stderr
+    assert json.loads((part / "config.json").read_text())["prompt_len"] == 8
+    a, b = history(full), history(part)
+    assert [x["step"] for x in b] == list(range(9))
+    toks = [x["tokens"] for x in a[5:]]
+    assert any(t <= 4 * 8 for t in toks) and any(t == 4 * 31 for t in toks), toks   # sampled and corpus batches after the checkpoint
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"], x["step"]
+        for k in ("loss", "kd", "lm", "val_lm"):
+            if k in x and isinstance(x[k], float) and math.isfinite(x[k]): assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (x["step"], k)
+    sa, sb = _student(full), _student(part)
+    assert sa.keys() == sb.keys() and max(float((sa[k] - sb[k]).abs().max()) for k in sa) <= 1e-5
+    fa, fb = (json.loads((d / "summary.json").read_text()) for d in (full, part))
+    assert fb["finished"] is True and fb["after_loss"] == pytest.approx(fa["after_loss"], rel=1e-5)
