@@ -408,7 +408,8 @@ def _check_inputs(teacher, student, dls, loss):
 
 # %% ../nbs/07_distiller.ipynb #bfe56c7d
 class Distiller:
-    "Distil `teacher` into `student` on `dls` with a loss `recipe`, the guards and the callbacks described above."
+    """Distil `teacher` into `student` on `dls` with a loss `recipe`, the guards and the callbacks described above. The recipe's
+    fields, `fused=`, `accelerator=` and `tokenizer=` are accepted as keywords too (`SHORTHANDS`); any other is an error."""
     EVENTS = ("after_create", "before_fit", "before_step", "after_loss", "after_backward", "after_clip", "after_opt_step",
               "after_step", "after_eval", "after_fit", "after_cancel_fit", "cleanup_fit")
     def __init__(self, teacher: nn.Module | None, # frozen teacher (Hugging Face causal LM), never trained; None with a `loss` that needs none (a teacher cache)
