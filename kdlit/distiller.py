@@ -6,29 +6,32 @@ Docs: https://kdlit.github.io/kdlit/distiller.html.md"""
 
 # %% ../nbs/07_distiller.ipynb #e322da3a
 from __future__ import annotations
-import contextlib, csv, hashlib, json, math, os, pathlib, shutil, sys, time, warnings
+import contextlib, csv, dataclasses, difflib, hashlib, inspect, json, math, os, pathlib, shutil, sys, time, warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from operator import attrgetter
 
 import torch
 from torch import nn
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
+from accelerate.state import AcceleratorState, PartialState, is_initialized
+from accelerate.utils import DistributedType
 from matplotlib.figure import Figure
 
 from fastcore.basics import patch
 
 from .losses import kd_loss, lm_loss, fused_kd_loss, DIVERGENCES
-from .schedules import TemperatureSchedule, Curriculum, make_schedule, linear, cosine, combine
+from .schedules import TemperatureSchedule, Curriculum, DEFAULT_WEIGHTS, make_schedule, linear, cosine, combine
 from .safeguards import StepGuard, LogitRangeMonitor
 from .metrics import perplexity, format_ppl, ppl_band, HealthMonitor
 from .models import check_pair
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'DEFAULT_RECIPE', 'CKPT_META', 'CKPT_STATE', 'CKPT_LATEST', 'CKPT_FORMAT', 'CancelFitException',
-           'Callback', 'run_cbs', 'adamw', 'warmup_cosine', 'shift_labels', 'count_tokens', 'make_accelerator',
-           'BatchStream', 'Distiller', 'LossSource', 'LogitsKD', 'FusedKD', 'ScheduleCB', 'GuardCB', 'HistoryCB',
-           'EvalCB', 'HealthCB', 'ProgressCB', 'find_checkpoint', 'CheckpointCB', 'plain_for_saving']
+__all__ = ['PRECISIONS', 'DEFAULT_RECIPE', 'RECIPE_FIELDS', 'SHORTHANDS', 'CKPT_META', 'CKPT_STATE', 'CKPT_LATEST', 'CKPT_FORMAT',
+           'CancelFitException', 'Callback', 'run_cbs', 'adamw', 'warmup_cosine', 'shift_labels', 'count_tokens',
+           'make_accelerator', 'BatchStream', 'Recipe', 'use_fused', 'UnknownArgument', 'Distiller', 'LossSource',
+           'LogitsKD', 'FusedKD', 'ScheduleCB', 'GuardCB', 'HistoryCB', 'eval_model', 'EvalCB', 'HealthCB',
+           'ProgressCB', 'find_checkpoint', 'CheckpointCB', 'plain_for_saving']
 
 # %% ../nbs/07_distiller.ipynb #24336d19
 class CancelFitException(Exception):
@@ -124,6 +127,22 @@ def _precision(precision):
 
 _SCALER_KEYS = ("init_scale", "growth_factor", "backoff_factor", "growth_interval", "enabled")
 
+def _cpu_fp16(acc: Accelerator, scaler_kwargs: dict) -> Accelerator:
+    """fp16 on a CPU, which Accelerate leaves off: sets two attributes of this one `acc`, nothing global — `native_amp`
+    (its `autocast()` enters torch's CPU autocast for float16) and `scaler` (`torch.amp.GradScaler("cpu", **scaler_kwargs)`)."""
+    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", **scaler_kwargs)
+    return acc
+
+def _fresh_precision(p: str | None) -> bool:
+    """kdlit's one edit of Accelerate's private state: `AcceleratorState._reset_state()`, so that an `Accelerator` for
+    precision `p` can be made where Accelerate would raise — `p` given and not the current precision, not DeepSpeed, one
+    process. It clears `AcceleratorState`'s shared dict only (`PartialState`, `GradientState` stay). True if it did."""
+    if p is None or not is_initialized(): return False
+    st = AcceleratorState()
+    if st.mixed_precision == p or st.distributed_type == DistributedType.DEEPSPEED or st.num_processes > 1: return False
+    AcceleratorState._reset_state()   # no public way: Accelerate's own tests call it between precisions
+    return True
+
 # %% ../nbs/07_distiller.ipynb #cf88275c
 def make_accelerator(precision=None, # "no", "fp16", "bf16", or None: from `accelerate launch` / the environment
                      *,
@@ -132,7 +151,7 @@ def make_accelerator(precision=None, # "no", "fp16", "bf16", or None: from `acce
                     ) -> Accelerator:
     """An `Accelerator` for `precision`; fp16 on CPU uses torch's CPU autocast and `GradScaler('cpu')`.
     `grad_scaler` reaches the scaler on every device (as Accelerate's `GradScalerKwargs`, which Accelerate itself
-    does not apply on CPU)."""
+    does not apply on CPU). In one process a precision other than the current one resets Accelerate's state (see above)."""
     from accelerate.utils import GradScalerKwargs
     p = _precision(precision)
     if grad_scaler is not None:
@@ -142,13 +161,11 @@ def make_accelerator(precision=None, # "no", "fp16", "bf16", or None: from `acce
         if isinstance(s0, bool) or not isinstance(s0, (int, float)) or not s0 > 0:
             raise ValueError(f"grad_scaler: init_scale must be a number > 0, got {s0!r}")
         kwargs["kwargs_handlers"] = list(kwargs.get("kwargs_handlers") or []) + [GradScalerKwargs(**grad_scaler)]
-    cur = AcceleratorState._shared_state.get("_mixed_precision")
-    if p is not None and cur is not None and cur != p and PartialState().num_processes == 1:
-        AcceleratorState._reset_state()   # one process: a new precision needs a fresh global state
+    _fresh_precision(p)
     acc = Accelerator(mixed_precision=p, **kwargs)
     if acc.mixed_precision == "fp16" and acc.scaler is None and acc.device.type == "cpu":
         h = next((h for h in kwargs.get("kwargs_handlers") or () if isinstance(h, GradScalerKwargs)), None)
-        acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", **(h.to_kwargs() if h is not None else {}))
+        _cpu_fp16(acc, h.to_kwargs() if h is not None else {})
     return acc
 
 # %% ../nbs/07_distiller.ipynb #565c0fc6
@@ -197,6 +214,97 @@ def _always_zero(sched, n=101) -> bool:
     "Is this weight schedule 0 for every p in [0, 1]?"
     return all(sched(i / (n - 1)) == 0 for i in range(n)) and all(sched(p) == 0 for p in getattr(sched, "knots", lambda: [])())
 
+# %% ../nbs/07_distiller.ipynb #f39a8e4d
+def _check_components(components, curriculum) -> tuple:
+    "Alignment components as a tuple, each an `nn.Module` with a distinct `name` among the curriculum's alignment weights."
+    out, seen = tuple(components), set()
+    for c in out:
+        nm = getattr(c, "name", None)
+        if not isinstance(c, nn.Module) or nm is None:
+            raise ValueError(f"components: each must be an nn.Module with a `name` (curriculum key), got {type(c).__name__}")
+        if nm in ("kd", "lm") or nm not in curriculum.names:
+            raise ValueError(f"components: {type(c).__name__} has name {nm!r}, which is not an alignment weight of the "
+                             f"curriculum; expected one of {[n for n in curriculum.names if n not in ('kd', 'lm')]}")
+        if nm in seen: raise ValueError(f"components: two components share the name {nm!r} (each weight scales one loss)")
+        seen.add(nm)
+    return out
+
+def _curriculum(cur) -> Curriculum:
+    if cur is None: cur = DEFAULT_RECIPE["curriculum"]
+    if isinstance(cur, Curriculum): return cur
+    if not isinstance(cur, Mapping):
+        raise ValueError(f"curriculum: expected a Curriculum, a dict of weight specs or None, got {type(cur).__name__}")
+    try: return Curriculum(cur)
+    except ValueError as e: raise ValueError(f"curriculum: {e}") from None
+
+def _temperature(t) -> TemperatureSchedule:
+    if isinstance(t, TemperatureSchedule): return t
+    try: return TemperatureSchedule(schedule=DEFAULT_RECIPE["temperature"] if t is None else t)
+    except ValueError as e: raise ValueError(f"temperature: {e}") from None
+
+# %% ../nbs/07_distiller.ipynb #b5ed6f8b
+@dataclass(frozen=True, repr=False)
+class Recipe:
+    "The loss recipe, checked when built: what the step weighs, at which temperature, with which divergence; `Recipe()` is `DEFAULT_RECIPE`."
+    curriculum: Curriculum | Mapping | None = None # `Curriculum`, dict of weight specs, or None: `DEFAULT_RECIPE`'s (see `kdlit.schedules`)
+    temperature: TemperatureSchedule | float | Sequence | Mapping | None = None # `TemperatureSchedule`, number or spec; None: `DEFAULT_RECIPE`'s
+    divergence: str | None = None # `kd_loss` divergence, one of `kdlit.losses.DIVERGENCES`; None: `DEFAULT_RECIPE`'s
+    beta: float = 0.5 # β of the generalized JSD (`divergence="jsd"`)
+    components: Sequence[nn.Module] = () # alignment losses (CONTRACTS.md protocol), each weighted by its `name` in the curriculum
+    def __post_init__(self):
+        div = DEFAULT_RECIPE["divergence"] if self.divergence is None else self.divergence
+        if div not in DIVERGENCES: raise ValueError(f"divergence: expected one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 <= self.beta <= 1:
+            raise ValueError(f"beta: expected a number in [0, 1], got {self.beta!r}")
+        cur = _curriculum(self.curriculum)
+        checked = dict(curriculum=cur, temperature=_temperature(self.temperature), divergence=div, beta=float(self.beta),
+                       components=_check_components(self.components, cur))
+        active = {n: not _always_zero(cur[n]) for n in cur.names}        # what the step needs to know, worked out once
+        names = [c.name for c in checked["components"]]
+        if not any(active[n] for n in ("kd", "lm", *names)):
+            raise ValueError(f"curriculum: every weight of kd, lm{''.join(', ' + n for n in names)} is 0 for all p; nothing to train")
+        live = [c for c in checked["components"] if active[c.name]]
+        for k, v in dict(checked, active=active, need_hidden=any(c.needs_hidden_states for c in live),
+                         need_attn=any(c.needs_attentions for c in live), need_teacher=active["kd"] or bool(live)).items():
+            object.__setattr__(self, k, v)                               # frozen: set once, here
+
+# %% ../nbs/07_distiller.ipynb #c09a30ab
+RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
+
+@patch(cls_method=True)
+def seed(cls: Recipe, components=()):
+    "The seed run's recipe (`kdlit distill --curriculum seed`): `Curriculum.seed()`, T 2.0 → 1.5, forward KL; its feat/attn hints act with `components`."
+    return cls(Curriculum.seed(), ["linear", 2.0, 1.5], "forward_kl", components=components)
+
+@patch(cls_method=True)
+def ce_only(cls: Recipe):
+    "The student's cross-entropy alone (kd weight 0): the baseline; the teacher never runs while training."
+    return cls(dict(kd=0.0, lm=1.0))
+
+# %% ../nbs/07_distiller.ipynb #0d3b839f
+def _short(s):
+    "A schedule for a one-line repr: a constant as its number, anything else as itself."
+    return s.to_spec() if isinstance(s.to_spec(), (int, float)) else s
+
+@patch
+def __repr__(self: Recipe):
+    w = {n: _short(s) for n, s in self.curriculum.schedules.items() if n in ("kd", "lm") or s.to_spec() != DEFAULT_WEIGHTS.get(n)}
+    parts = [f"curriculum={w!r}", f"temperature={_short(self.temperature.schedule)!r}", f"divergence={self.divergence!r}"]
+    if self.divergence == "jsd" or self.beta != 0.5: parts.append(f"beta={self.beta!r}")
+    if self.components: parts.append(f"components=[{', '.join(f'<{type(c).__name__} {c.name!r}>' for c in self.components)}]")
+    return f"Recipe({', '.join(parts)})"
+
+def _recipe(recipe, fields: Mapping) -> Recipe:
+    "`recipe=` (a `Recipe`, a dict of its fields, or None) with the shorthand `fields` on top (None where a field's default is None: not given)."
+    fields = {k: v for k, v in fields.items() if v is not None or Recipe.__dataclass_fields__[k].default is not None}
+    if recipe is None or isinstance(recipe, Mapping):
+        bad = [k for k in (recipe or {}) if k not in RECIPE_FIELDS]
+        if bad: raise ValueError(f"recipe: {bad[0]!r} is not a field of a Recipe; expected some of {', '.join(RECIPE_FIELDS)}")
+        return Recipe(**{**(recipe or {}), **fields})
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"recipe: expected a kdlit.distiller.Recipe, a dict of its fields or None, got {type(recipe).__name__}")
+    return dataclasses.replace(recipe, **fields) if fields else recipe
+
 # %% ../nbs/07_distiller.ipynb #5330fe60
 def _fused_head(model, name) -> nn.Module:
     "`model`'s output head if `fused=True` can use it (a bias-free `nn.Linear`, no logit soft-capping/scaling, a decoder), else a ValueError."
@@ -223,162 +331,201 @@ def _fused_heads(student, teacher, kd):
     if kd: _fused_head(teacher, "teacher")
 
 # %% ../nbs/07_distiller.ipynb #53306117
-def _use_fused(fused, student, teacher, kd: bool, acc) -> bool:
-    "Resolve `fused` (True, False, None: wherever it applies) for these models on this accelerator."
+def use_fused(fused, # True, False, or None: fused wherever it applies
+              student: nn.Module, # the student causal LM
+              teacher: nn.Module | None, # the teacher causal LM (its head is needed only when `kd` is on)
+              kd: bool, # is the KD term ever active (`Recipe.active["kd"]`)?
+              accelerator: Accelerator, # the run's: fused needs one process, and None leaves fp16 on the logits path
+             ) -> bool:
+    "Resolve `fused` for these models on this accelerator: the fused path (`FusedKD`) or the logits path (`LogitsKD`)."
     if fused is not None and not isinstance(fused, bool):
         raise ValueError(f"fused: expected True, False or None (on where it applies), got {fused!r}")
     if fused:
         _fused_heads(student, teacher, kd)
-        if acc.num_processes > 1: raise ValueError("fused=True: runs on one process only (the decoder is called past the DDP wrapper); use fused=False")
+        if accelerator.num_processes > 1:
+            raise ValueError("fused=True: runs on one process only (the decoder is called past the DDP wrapper); use fused=False")
         return True
     if fused is None:                                      # on wherever it applies (see "Fused" below)
-        try: _fused_heads(student, teacher, kd); return acc.num_processes == 1 and acc.mixed_precision != "fp16"
+        try: _fused_heads(student, teacher, kd); return accelerator.num_processes == 1 and accelerator.mixed_precision != "fp16"
         except ValueError: return False
     return False
 
-def _check_components(components, curriculum) -> list:
-    "Alignment components as a list, each an `nn.Module` with a distinct `name` among the curriculum's alignment weights."
-    out, seen = list(components), set()
-    for c in out:
-        nm = getattr(c, "name", None)
-        if not isinstance(c, nn.Module) or nm is None:
-            raise ValueError(f"components: each must be an nn.Module with a `name` (curriculum key), got {type(c).__name__}")
-        if nm in ("kd", "lm") or nm not in curriculum.names:
-            raise ValueError(f"components: {type(c).__name__} has name {nm!r}, which is not an alignment weight of the "
-                             f"curriculum; expected one of {[n for n in curriculum.names if n not in ('kd', 'lm')]}")
-        if nm in seen: raise ValueError(f"components: two components share the name {nm!r} (each weight scales one loss)")
-        seen.add(nm)
-    return out
+_use_fused = use_fused   # the name kdlit.hf imported before; kept until it imports `use_fused`
+
+# %% ../nbs/07_distiller.ipynb #f2c84b46
+SHORTHANDS = {**dict.fromkeys(RECIPE_FIELDS, "recipe"), "fused": "loss", "accelerator": "precision", "tokenizer": "dls.tokenizer"}
+"The keywords `Distiller(...)` accepts besides its own arguments, and the argument each one folds into."
+
+class UnknownArgument(TypeError, ValueError):
+    "An unknown keyword: a `TypeError`, as Python raises for one, and a `ValueError`, as every other bad input of kdlit."
+
+def _shorthands(kw: Mapping) -> dict:
+    "The shorthand keywords, checked by name: anything else is one error naming it and listing the accepted ones."
+    for k in kw:
+        if k in SHORTHANDS: continue
+        own = [p for p in inspect.signature(Distiller).parameters if p != "shorthands"]
+        near = difflib.get_close_matches(k, [*own, *SHORTHANDS], n=1)
+        raise UnknownArgument(f"Distiller() got an unexpected keyword argument {k!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                              + f"; it takes {', '.join(own)}; and the shorthands " + "; ".join(
+                                  f"{', '.join(s for s in SHORTHANDS if SHORTHANDS[s] == t)} (-> {t})" for t in dict.fromkeys(SHORTHANDS.values())))
+    return dict(kw)
+
+def _name(v): return repr(v) if isinstance(v, str) else type(v).__name__
+
+def _loss_arg(loss, fused):
+    "(a `LossSource` or None, fused: True / False / None) from `loss=` and the `fused=` shorthand, which must agree."
+    if fused is not None and not isinstance(fused, bool):
+        raise ValueError(f"fused: expected True, False or None (on where it applies), got {fused!r}")
+    if isinstance(loss, str) and loss in ("fused", "logits"): src, want = None, loss == "fused"
+    elif loss is None or isinstance(loss, LossSource): src, want = loss, (None if loss is None else isinstance(loss, FusedKD))
+    else: raise ValueError(f"loss: expected a kdlit.distiller.LossSource, 'fused', 'logits' or None, got {_name(loss)}")
+    if None not in (fused, want) and fused != want:
+        raise ValueError(f"fused: fused={fused} disagrees with loss={_name(loss)}; give one of them")
+    return src, (fused if want is None else want)
+
+# %% ../nbs/07_distiller.ipynb #6e4e1da9
+def _accelerator(precision, accelerator) -> Accelerator:
+    "The run's `Accelerator`: `precision` given as one, the `accelerator=` shorthand, or `make_accelerator(precision)`."
+    if isinstance(precision, Accelerator):
+        if accelerator is not None: raise ValueError("accelerator: given twice (precision= is an Accelerator already); give one")
+        return precision
+    if accelerator is None: return make_accelerator(precision)
+    if not isinstance(accelerator, Accelerator):
+        raise ValueError(f"accelerator: expected an accelerate.Accelerator (e.g. make_accelerator(...)), got {type(accelerator).__name__}")
+    p = _precision(precision)
+    if p is not None and p != accelerator.mixed_precision:
+        raise ValueError(f"precision: {precision!r}, but the given accelerator runs {accelerator.mixed_precision!r}; give one of them")
+    return accelerator
+
+def _check_inputs(teacher, student, dls, loss):
+    "The models and the data: a teacher unless the loss source carries its signal (a cache), a student, loaders."
+    for nm, m in (("teacher", teacher), ("student", student)):
+        if m is None and nm == "teacher" and loss is not None and not loss.needs_teacher: continue   # e.g. a teacher cache
+        if not isinstance(m, nn.Module): raise ValueError(f"{nm}: expected a torch nn.Module (a causal LM), got {type(m).__name__}"
+            + (" (None only with a loss source that needs no teacher, e.g. kdlit.cache.CachedKD)" if m is None else ""))
+    if not (hasattr(dls, "train") and hasattr(dls, "valid")):
+        raise ValueError(f"dls: expected an object with .train and .valid data loaders (kdlit.data.make_loaders), got {type(dls).__name__}")
 
 # %% ../nbs/07_distiller.ipynb #bfe56c7d
 class Distiller:
-    "Distil `teacher` into `student` on `dls` with the curricula, the guards and the callbacks described above."
+    """Distil `teacher` into `student` on `dls` with a loss `recipe`, the guards and the callbacks described above. The recipe's
+    fields, `fused=`, `accelerator=` and `tokenizer=` are accepted as keywords too (`SHORTHANDS`); any other is an error."""
     EVENTS = ("after_create", "before_fit", "before_step", "after_loss", "after_backward", "after_clip", "after_opt_step",
               "after_step", "after_eval", "after_fit", "after_cancel_fit", "cleanup_fit")
     def __init__(self, teacher: nn.Module | None, # frozen teacher (Hugging Face causal LM), never trained; None with a `loss` that needs none (a teacher cache)
                  student: nn.Module, # trainable student (Hugging Face causal LM) with the teacher's tokenizer
                  dls, # `kdlit.data.DataLoaders` (or anything with `.train` and `.valid` loaders of dict batches)
                  *,
-                 curriculum=None, # `Curriculum`, dict of weight specs, or None: `DEFAULT_RECIPE`'s (see `kdlit.schedules`)
-                 temperature=None, # `TemperatureSchedule`, number or spec; None: `DEFAULT_RECIPE`'s
-                 divergence: str | None = None, # `kd_loss` divergence, one of `kdlit.losses.DIVERGENCES`; None: `DEFAULT_RECIPE`'s
-                 beta: float = 0.5, # β of the generalized JSD (`divergence="jsd"`)
-                 components: Sequence[nn.Module] = (), # alignment losses (CONTRACTS.md protocol), weighted by `name`
-                 fused: bool | None = None, # the loss interface: `FusedKD` (True), `LogitsKD` (False), or None: fused wherever it applies (plain linear heads, one process, not fp16)
-                 loss=None, # a `LossSource` for the step (a teacher cache's, on-policy samples', your own); None: `FusedKD` or `LogitsKD` by `fused`
+                 recipe: Recipe | Mapping | None = None, # the loss recipe: a `Recipe`, a dict of its fields, or None: `Recipe()` (`DEFAULT_RECIPE`)
+                 loss: LossSource | str | None = None, # "fused" (`FusedKD`), "logits" (`LogitsKD`), a `LossSource` (a cache's, on-policy's, yours), or None: fused wherever it applies
                  lr: float = 3e-4, # peak learning rate
                  grad_accum: int = 1, # micro-batches per optimizer step
                  max_grad_norm: float | None = 1.0, # clip the global gradient norm (None: measure only)
                  opt_func=None, # callable(params, lr) -> optimizer; None: `adamw()`
                  sched_func=None, # callable(optimizer, total_steps) -> LR scheduler; None: `warmup_cosine()`
-                 precision=None, # "no" (fp32), "fp16", "bf16", or None: as configured by `accelerate launch`
-                 accelerator: Accelerator | None = None, # instead of `make_accelerator(precision)` (e.g. one with `grad_scaler=`)
+                 precision: str | Accelerator | None = None, # "no" (fp32), "fp16", "bf16", an `Accelerator` (`make_accelerator(...)`), or None: as `accelerate launch` configured
                  cbs: Sequence[Callback] = (), # callbacks; one of a default's class replaces it, e.g. `EvalCB(every=10)`
-                 tokenizer=None, # saved with the student by `save_pretrained` (default: `dls.tokenizer`)
                  verbose: bool = True, # print log lines, evaluations and the closing summary
+                 **shorthands, # the recipe's fields (`curriculum=`, `temperature=`, ...), `fused=`, `accelerator=`, `tokenizer=`: see `SHORTHANDS`
                 ):
-        if loss is not None and not isinstance(loss, LossSource):
-            raise ValueError(f"loss: expected a kdlit.distiller.LossSource (or None), got {type(loss).__name__}")
-        for nm, m in (("teacher", teacher), ("student", student)):
-            if m is None and nm == "teacher" and loss is not None and not loss.needs_teacher: continue   # e.g. a teacher cache
-            if not isinstance(m, nn.Module): raise ValueError(f"{nm}: expected a torch nn.Module (a causal LM), got {type(m).__name__}"
-                + (" (None only with a loss source that needs no teacher, e.g. kdlit.cache.CachedKD)" if m is None else ""))
-        if not (hasattr(dls, "train") and hasattr(dls, "valid")):
-            raise ValueError(f"dls: expected an object with .train and .valid data loaders (kdlit.data.make_loaders), got {type(dls).__name__}")
-        self.grad_accum, self.lr = _int(grad_accum, "grad_accum"), _pos(lr, "lr")
-        self.max_grad_norm, self.verbose = _pos(max_grad_norm, "max_grad_norm", none_ok=True), verbose
-        self.opt_func, self.sched_func = opt_func or adamw(), sched_func or warmup_cosine()
-        for k, f in (("opt_func", self.opt_func), ("sched_func", self.sched_func)):
-            if not callable(f): raise ValueError(f"{k}: expected a callable, got {f!r}")
-        self.run_info = {}                 # recorded in checkpoints: e.g. the teacher, data, seq_len and batch_size of a CLI run
-        self._set_recipe(curriculum, temperature, divergence, beta, components)
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(dls, "tokenizer", None)
-        self.vocab_size = (loss or LossSource()).check(self, teacher, student, dls)   # the pair (or the cache) fits
-        if self.need_attn:
-            from kdlit.alignment import ensure_attentions
-            ensure_attentions(teacher); ensure_attentions(student)
-        self.accelerator = acc = accelerator if accelerator is not None else make_accelerator(precision)
-        self.fused = isinstance(loss, FusedKD) if loss is not None else _use_fused(fused, student, teacher, self.active["kd"], acc)
-        self.loss_fn = loss if loss is not None else FusedKD() if self.fused else LogitsKD()   # the loss interface
-        self.teacher = None if teacher is None else teacher.to(acc.device).eval().requires_grad_(False)
-        self.student = acc.prepare(student.train())
-        self.component_modules = [acc.prepare(c) if any(True for _ in c.parameters()) else c.to(acc.device)
-                                  for c in self.components]    # as called (DDP-wrapped when distributed)
-        self.params = [p for m in (self.student, *self.component_modules) for p in m.parameters() if p.requires_grad]
-        self.opt, self.scaler = acc.prepare(self.opt_func(self.params, self.lr)), acc.scaler
-        self.dls = dls
-        self.train_dl, self.valid_dl = acc.prepare(dls.train, dls.valid)
-        self.stream = BatchStream(self.train_dl, dls)
-        self.logit_monitor = LogitRangeMonitor(torch.float16 if acc.mixed_precision == "fp16" else
-                                               torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32, on_warn=None)
-        given = list(cbs)                                      # features, as callbacks: a given one replaces the default
-        self.cbs = [d for d in (ScheduleCB(), GuardCB(), HistoryCB(), EvalCB(), HealthCB(), ProgressCB())
-                    if not any(isinstance(c, type(d)) for c in given)] + given
-        self.history, self.evals, self.logs, self.teacher_eval = [], [], [], None
-        self.step, self.n_steps, self.sched = 0, None, None
-        self("after_create")                                   # GuardCB, HealthCB: learn.guard, learn.monitor
+        kw = _shorthands(shorthands)                    # an unknown keyword: one error naming it and the accepted ones
+        self.loss_fn, fused = _loss_arg(loss, kw.pop("fused", None))   # None until `_prepare` picks FusedKD or LogitsKD
+        _check_inputs(teacher, student, dls, self.loss_fn)
+        self._set_optim(lr, grad_accum, max_grad_norm, opt_func, sched_func)
+        self.recipe, self.verbose, self.run_info = _recipe(recipe, {k: v for k, v in kw.items() if k in RECIPE_FIELDS}), verbose, {}
+        vars(self).update(vars(self.recipe))            # the step reads curriculum, temperature, divergence, active, need_teacher...
+        self.tokenizer = kw["tokenizer"] if kw.get("tokenizer") is not None else getattr(dls, "tokenizer", None)
+        self.vocab_size = (self.loss_fn or LossSource()).check(self, teacher, student, dls)   # the pair (or the cache) fits
+        self.accelerator = _accelerator(precision, kw.get("accelerator"))
+        self._prepare(teacher, student, dls, fused)
+        self._set_cbs(cbs)
+        self("after_create")                            # GuardCB, HealthCB: learn.guard, learn.monitor
 
-    def __call__(self, event: str):
-        "Run the callbacks of `event`."
-        run_cbs(self.cbs, event, self)
-    def add_cb(self, cb: Callback):
-        self.cbs.append(cb)
-        if hasattr(cb, "after_create"): cb.after_create(self)
-        return self
-    def remove_cb(self, cls): self.cbs = [c for c in self.cbs if not isinstance(c, cls)]; return self
-    def log(self, msg: str):
-        "Print `msg` on the main process (if verbose) and keep it in `self.logs`."
-        self.logs.append(msg)
-        if self.verbose and self.accelerator.is_main_process: print(msg, flush=True)
+# %% ../nbs/07_distiller.ipynb #6b797ed7
+@patch
+def _set_optim(self: Distiller, lr, grad_accum, max_grad_norm, opt_func, sched_func):
+    "The optimizer's settings, checked: numbers in range, callables for `opt_func` and `sched_func`."
+    self.grad_accum, self.lr = _int(grad_accum, "grad_accum"), _pos(lr, "lr")
+    self.max_grad_norm = _pos(max_grad_norm, "max_grad_norm", none_ok=True)
+    self.opt_func, self.sched_func = opt_func or adamw(), sched_func or warmup_cosine()
+    for k, f in (("opt_func", self.opt_func), ("sched_func", self.sched_func)):
+        if not callable(f): raise ValueError(f"{k}: expected a callable, got {f!r}")
 
-    def __repr__(self):
-        return (f"Distiller(step {self.step}/{self.n_steps}, precision={self.accelerator.mixed_precision}, "
-                f"grad_accum={self.grad_accum}, components={[c.name for c in self.components]}, "
-                f"callbacks={[type(c).__name__ for c in sorted(self.cbs, key=attrgetter('order'))]})")
+@patch
+def _set_cbs(self: Distiller, cbs):
+    "The features, as callbacks: the six defaults, each replaced by a given one of its class, and the given ones."
+    given = list(cbs)
+    self.cbs = [d for d in (ScheduleCB(), GuardCB(), HistoryCB(), EvalCB(), HealthCB(), ProgressCB())
+                if not any(isinstance(c, type(d)) for c in given)] + given
 
-# %% ../nbs/07_distiller.ipynb #5e7rec1p
+
+# %% ../nbs/07_distiller.ipynb #7fb9efb2
+@patch
+def _prepare(self: Distiller, teacher, student, dls, fused):
+    "Pick the loss interface, then put the models, components, optimizer and loaders on the accelerator."
+    acc = self.accelerator
+    if self.need_attn:
+        from kdlit.alignment import ensure_attentions
+        ensure_attentions(teacher); ensure_attentions(student)
+    self.fused = isinstance(self.loss_fn, FusedKD) if self.loss_fn is not None else use_fused(fused, student, teacher, self.active["kd"], acc)
+    if self.loss_fn is None: self.loss_fn = FusedKD() if self.fused else LogitsKD()      # the loss interface
+    self.teacher = None if teacher is None else teacher.to(acc.device).eval().requires_grad_(False)
+    self.student = acc.prepare(student.train())
+    self.component_modules = [acc.prepare(c) if any(True for _ in c.parameters()) else c.to(acc.device)
+                              for c in self.components]    # as called (DDP-wrapped when distributed)
+    self.params = [p for m in (self.student, *self.component_modules) for p in m.parameters() if p.requires_grad]
+    self.opt, self.scaler = acc.prepare(self.opt_func(self.params, self.lr)), acc.scaler
+    self.dls, (self.train_dl, self.valid_dl) = dls, acc.prepare(dls.train, dls.valid)
+    self.stream = BatchStream(self.train_dl, dls)
+    self.logit_monitor = LogitRangeMonitor(torch.float16 if acc.mixed_precision == "fp16" else
+                                           torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32, on_warn=None)
+    self.history, self.evals, self.logs, self.teacher_eval = [], [], [], None
+    self.step, self.n_steps, self.sched = 0, None, None
+
+# %% ../nbs/07_distiller.ipynb #a64b1437
+@patch
+def __call__(self: Distiller, event: str):
+    "Run the callbacks of `event`."
+    run_cbs(self.cbs, event, self)
+
+@patch
+def add_cb(self: Distiller, cb: Callback):
+    "Add `cb` (its `after_create` runs now)."
+    self.cbs.append(cb)
+    if hasattr(cb, "after_create"): cb.after_create(self)
+    return self
+
+@patch
+def remove_cb(self: Distiller, cls):
+    "Remove the callbacks of class `cls`."
+    self.cbs = [c for c in self.cbs if not isinstance(c, cls)]; return self
+
+
+# %% ../nbs/07_distiller.ipynb #60fefc0f
+@patch
+def log(self: Distiller, msg: str):
+    "Print `msg` on the main process (if verbose) and keep it in `self.logs`."
+    self.logs.append(msg)
+    if self.verbose and self.accelerator.is_main_process: print(msg, flush=True)
+
+@patch
+def __repr__(self: Distiller):
+    "One line: the step, the precision, the accumulation, the components, the callbacks in order."
+    return (f"Distiller(step {self.step}/{self.n_steps}, precision={self.accelerator.mixed_precision}, "
+            f"grad_accum={self.grad_accum}, components={[c.name for c in self.components]}, "
+            f"callbacks={[type(c).__name__ for c in sorted(self.cbs, key=attrgetter('order'))]})")
+
 @patch
 def _set_recipe(self: Distiller, curriculum, temperature, divergence, beta, components):
-    "The loss recipe, checked: temperature and curriculum schedules, divergence, alignment components; what is active."
-    self.divergence = DEFAULT_RECIPE["divergence"] if divergence is None else divergence
-    if self.divergence not in DIVERGENCES: raise ValueError(f"divergence: expected one of {', '.join(DIVERGENCES)}, got {divergence!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
-        raise ValueError(f"beta: expected a number in [0, 1], got {beta!r}")
-    self.beta = float(beta)
-    try: self.temperature = temperature if isinstance(temperature, TemperatureSchedule) else (
-             TemperatureSchedule(schedule=DEFAULT_RECIPE["temperature"] if temperature is None else temperature))
-    except ValueError as e: raise ValueError(f"temperature: {e}") from None
-    if curriculum is None: curriculum = Curriculum(DEFAULT_RECIPE["curriculum"])
-    elif isinstance(curriculum, Mapping): curriculum = Curriculum(curriculum)
-    elif not isinstance(curriculum, Curriculum):
-        raise ValueError(f"curriculum: expected a Curriculum, a dict of weight specs or None, got {type(curriculum).__name__}")
-    self.curriculum, self.components = curriculum, _check_components(components, curriculum)
-    self.active = {n: not _always_zero(curriculum[n]) for n in curriculum.names}
-    names = [c.name for c in self.components]
-    if not any(self.active[n] for n in ("kd", "lm", *names)):
-        raise ValueError(f"curriculum: every weight of kd, lm{''.join(', ' + n for n in names)} is 0 for all p; nothing to train")
-    live = [c for c in self.components if self.active[c.name]]
-    self.need_hidden = any(c.needs_hidden_states for c in live)
-    self.need_attn = any(c.needs_attentions for c in live)
-    self.need_teacher = self.active["kd"] or bool(live)
+    "The name kdlit.hf used before `Recipe`: set `Recipe(curriculum, ...)`'s settings on `self`; kept until it imports `Recipe`."
+    vars(self).update(vars(Recipe(curriculum, temperature, divergence, beta, components)))
 
 # %% ../nbs/07_distiller.ipynb #a09f74bd
 def _graph(w): return contextlib.nullcontext() if w != 0 else torch.no_grad()   # a weight-0 term: logged, no graph
 
 class LossSource:
-    "The loss interface of the step: `src(learn, batch, num_items) -> (loss, logs)`; subclasses give `forward` and `token_losses`."
+    "The loss interface of the step: `src(learn, batch, num_items) -> (loss, logs)`; subclasses give `models` (or `forward`) and `token_losses`."
     needs_teacher = True       # False: the source carries the teacher's signal itself (a cache): `Distiller(None, ...)` is allowed
-    def check(self, learn, teacher, student, dls):
-        "At `Distiller(...)`, before anything moves: can this source serve these models and data? The vocabulary to slice logits to."
-        return check_pair(teacher, student, learn.tokenizer)
-    def eval_kd(self, learn, s_logits, batch, y, n: int):
-        "Evaluation's KD term: KL(teacher ‖ student) at T = 1, the mean over the `n` valid targets `y` of a validation batch."
-        with learn.accelerator.autocast(): t = learn.teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-        return kd_loss(s_logits, t, y, temperature=1.0, divergence="forward_kl", num_items=max(n, 1), vocab_size=learn.vocab_size)
-    def teacher_eval(self, learn, max_batches=None) -> dict:
-        "The teacher's validation LM loss and perplexity: the floor the student is measured against."
-        return _eval_model(learn, learn.teacher, kd=False, max_batches=max_batches)
-    def identity(self): return None   # a checkpoint records it and a resume must match it (a cache: its teacher, corpus, spec)
     def models(self, learn): raise NotImplementedError              # -> (teacher, student) callables for `forward`
     def forward(self, learn, batch):
         "(student output, teacher output or None) of a micro-batch; the teacher runs without a graph, only when needed."
@@ -405,6 +552,28 @@ class LossSource:
                 logs[c.name] = v.detach()
                 if w != 0: loss = loss + w * v
         return loss, logs
+
+# %% ../nbs/07_distiller.ipynb #72c0a846
+@patch
+def check(self: LossSource, learn, teacher, student, dls):
+    "At `Distiller(...)`, before anything moves: can this source serve these models and data? The vocabulary to slice logits to."
+    return check_pair(teacher, student, learn.tokenizer)
+
+@patch
+def eval_kd(self: LossSource, learn, s_logits, batch, y, n: int):
+    "Evaluation's KD term: KL(teacher ‖ student) at T = 1, the mean over the `n` valid targets `y` of a validation batch."
+    with learn.accelerator.autocast(): t = learn.teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    return kd_loss(s_logits, t, y, temperature=1.0, divergence="forward_kl", num_items=max(n, 1), vocab_size=learn.vocab_size)
+
+@patch
+def teacher_eval(self: LossSource, learn, max_batches=None) -> dict:
+    "The teacher's validation LM loss and perplexity: the floor the student is measured against."
+    return eval_model(learn, learn.teacher, kd=False, max_batches=max_batches)
+
+@patch
+def identity(self: LossSource):
+    "What a checkpoint records and a resume must match (a cache: its teacher, corpus, spec); None: the live teacher."
+    return None
 
 # %% ../nbs/07_distiller.ipynb #a09f6072
 class LogitsKD(LossSource):
@@ -574,27 +743,35 @@ class HistoryCB(Callback):
 
 # %% ../nbs/07_distiller.ipynb #f47eb05e
 @torch.no_grad()
-def _eval_model(self: Distiller, model, *, kd: bool = True, max_batches=None, dl=None) -> dict:
-    "LM loss (and KL(teacher ‖ model) at T = 1) of `model` on `dl` (default: the validation loader)."
-    acc, was = self.accelerator, model.training
+def eval_model(learn, # a `Distiller`, or anything with its `accelerator`, `valid_dl`, `teacher` and `loss_fn` (kdlit.hf's `KDTrainer`)
+               model: nn.Module, # the model to evaluate: the student, the teacher, a copy
+               *,
+               kd: bool = True, # also KL(teacher ‖ model) at T = 1, from the loss source's `eval_kd` (never for the teacher itself)
+               max_batches: int | None = None, # validation batches (None: all)
+               dl=None, # a loader of dict batches; None: `learn.valid_dl`
+              ) -> dict:
+    "LM loss, perplexity (number, string, band) and, with `kd`, KL(teacher ‖ model) at T = 1 of `model` on `dl`, over all processes."
+    acc, was = learn.accelerator, model.training
     model.eval()
     sums = torch.zeros(3, device=acc.device, dtype=torch.float64)   # lm sum, kd sum, tokens
-    for i, b in enumerate(self.valid_dl if dl is None else dl):
+    for i, b in enumerate(learn.valid_dl if dl is None else dl):
         if max_batches is not None and i >= max_batches: break
         b = {k: v.to(acc.device) for k, v in b.items()}
         ids, mask = b["input_ids"], b.get("attention_mask")
-        with acc.autocast(): s_logits = model(input_ids=ids, attention_mask=mask).logits
-        s, y = s_logits, shift_labels(b["labels"], mask)
+        with acc.autocast(): s = model(input_ids=ids, attention_mask=mask).logits
+        y = shift_labels(b["labels"], mask)
         n = (y != -100).sum()
         sums[0] += lm_loss(s, y, num_items=max(int(n), 1)).double() * n
-        if kd and model is not self.teacher: sums[1] += self.loss_fn.eval_kd(self, s, b, y, int(n)).double() * n   # the source's teacher
+        if kd and model is not learn.teacher: sums[1] += learn.loss_fn.eval_kd(learn, s, b, y, int(n)).double() * n   # the source's teacher
         sums[2] += n
     if acc.num_processes > 1: sums = acc.reduce(sums, "sum")
     model.train(was)
     lm, kdv, n = (sums[:2] / sums[2].clamp(min=1)).tolist() + [int(sums[2])]
     out = dict(val_lm=lm, val_ppl=perplexity(lm), val_ppl_str=format_ppl(lm), val_band=ppl_band(perplexity(lm)), val_tokens=n)
-    if kd and model is not self.teacher: out["val_kd"] = kdv
+    if kd and model is not learn.teacher: out["val_kd"] = kdv
     return out
+
+_eval_model = eval_model   # the name kdlit.hf imported before; kept until it imports `eval_model`
 
 # %% ../nbs/07_distiller.ipynb #f47e8754
 @patch
@@ -605,7 +782,7 @@ def evaluate(self: Distiller,
     mb = max_batches
     if self.teacher_eval is None:
         self.teacher_eval = dict(self.loss_fn.teacher_eval(self, mb), step=self.step)   # live: measured; a cache: stored
-    self.last_eval = dict(step=self.step, **_eval_model(self, self.student, max_batches=mb))
+    self.last_eval = dict(step=self.step, **eval_model(self, self.student, max_batches=mb))
     self.evals.append(self.last_eval)
     self("after_eval")
     return self.last_eval
@@ -617,7 +794,7 @@ def eval_loss(self: Distiller,
               max_batches: int | None = None,
              ) -> dict:
     "LM loss and perplexity of `model` on `dl`, with no side effect on the run (the history, `evals`, callbacks)."
-    return _eval_model(self, self.student if model is None else model, kd=False, max_batches=max_batches, dl=dl)
+    return eval_model(self, self.student if model is None else model, kd=False, max_batches=max_batches, dl=dl)
 
 # %% ../nbs/07_distiller.ipynb #f47e65eb
 class EvalCB(Callback):

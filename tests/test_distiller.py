@@ -556,3 +556,135 @@ def test_a_given_loss_source_is_the_step_s_loss():
     assert [r["loss"] for r in d.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-6)
     with pytest.raises(ValueError, match="loss: expected a kdlit.distiller.LossSource"): distiller(loss=lambda *a: 0)
     assert issubclass(Counting, LossSource)
+
+
+# ---------------------------------------------------------------- the signature: a Recipe, loss=, precision=, and the shorthands
+import dataclasses, re
+from kdlit.distiller import (DEFAULT_RECIPE, RECIPE_FIELDS, SHORTHANDS, LogitsKD, Recipe, UnknownArgument, eval_model,
+                             use_fused)
+from kdlit.schedules import Curriculum, TemperatureSchedule
+
+
+def built(**kw):
+    torch.manual_seed(0)
+    teacher, student, dls = setup()
+    return Distiller(teacher, student, dls, lr=3e-3, verbose=False, cbs=[EvalCB(at_start=False)], **kw)
+
+
+def state(d):
+    "What a user can read off a built Distiller: the recipe and its settings, the loss interface, the precision."
+    return (d.recipe, type(d.loss_fn), d.fused, d.accelerator.mixed_precision, d.temperature, d.curriculum, d.divergence,
+            d.beta, d.active, d.need_teacher, d.need_hidden, d.need_attn, tuple(d.components), d.tokenizer is d.dls.tokenizer)
+
+
+@pytest.mark.parametrize("short,shorthand", [          # lambdas: accelerators are made when the test runs, not at collection
+    (lambda: dict(recipe=Recipe(CUR, 1.0, "jsd", 0.3), loss="logits", precision="no"),
+     lambda: dict(curriculum=CUR, temperature=1.0, divergence="jsd", beta=0.3, fused=False, precision="no")),
+    (lambda: dict(recipe=dict(curriculum=CUR, temperature=["linear", 2.0, 1.0]), loss="fused", precision=make_accelerator("no")),
+     lambda: dict(curriculum=CUR, temperature=("linear", 2.0, 1.0), fused=True, accelerator=make_accelerator("no"))),
+    (lambda: dict(recipe=Recipe.ce_only(), precision="no"), lambda: dict(curriculum=dict(kd=0.0, lm=1.0), precision="no")),
+])
+def test_short_form_and_shorthands_build_the_same_run(short, shorthand):
+    a, b = built(**short()), built(**shorthand())
+    assert state(a) == state(b)
+    a.fit(2); b.fit(2)
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]     # the same steps, bit for bit
+    assert max_diff(params(a), params(b)) == 0
+
+
+def test_shorthands_on_top_of_a_recipe():
+    d = built(recipe=Recipe.seed(), temperature=1.0, precision="no")
+    assert d.recipe == dataclasses.replace(Recipe.seed(), temperature=1.0)
+    assert d.curriculum == Curriculum.seed() and d.temperature(0.0) == d.temperature(1.0) == 1.0
+    assert built(precision="no").recipe == Recipe() == Recipe(**DEFAULT_RECIPE)      # no recipe: DEFAULT_RECIPE's
+    same = built(recipe=Recipe.seed(), curriculum=None, temperature=None, divergence=None, precision="no")   # None: not given
+    assert same.recipe == Recipe.seed()
+
+
+def test_seed_recipe_is_the_cli_s():
+    from kdlit.cli import SEED_RECIPE, curriculum_spec, make_temperature
+    r = Recipe.seed()
+    assert r.curriculum == Curriculum(curriculum_spec("seed"))
+    assert r.temperature == make_temperature(SEED_RECIPE["temperature"]) and r.divergence == SEED_RECIPE["divergence"]
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(divergence="kl"), r"^divergence: expected one of forward_kl, reverse_kl, jsd"),
+    (dict(temperature="2:x"), r"^temperature: "),
+    (dict(temperature=("linear", 2.0, -1.0)), r"^temperature: temperature must stay > 0"),
+    (dict(temperature={"kind": "warp"}), r"^temperature: "),
+    (dict(beta=1.5), r"^beta: expected a number in \[0, 1\]"),
+    (dict(curriculum=[("kd", 1.0)]), r"^curriculum: expected a Curriculum"),
+    (dict(curriculum=dict(kd=-0.5)), r"^curriculum: "),
+    (dict(curriculum=dict(kd=0.0, lm=0.0)), r"^curriculum: .*nothing to train"),
+])
+def test_recipe_checks_itself_in_one_line(kw, msg):
+    with pytest.raises(ValueError, match=msg) as e: Recipe(**kw)
+    assert "\n" not in str(e.value)
+    teacher, student, dls = setup()
+    with pytest.raises(ValueError, match=msg): Distiller(teacher, student, dls, recipe=kw, verbose=False)   # the same check
+
+
+def test_recipe_reads_back_and_stays_checked():
+    r = Recipe(dict(kd=0.5, lm=0.5), ["linear", 2.0, 1.5])
+    assert repr(r) == "Recipe(curriculum={'kd': 0.5, 'lm': 0.5}, temperature=linear(2.0, 1.5), divergence='forward_kl')"
+    r2 = Recipe(dict(kd=0.9, lm=0.1), 1.0, "jsd", 0.2)
+    assert repr(r2).endswith("divergence='jsd', beta=0.2)") and eval(repr(r2), {"Recipe": Recipe}) == r2
+    with pytest.raises(dataclasses.FrozenInstanceError): r.divergence = "not one"
+    assert (Recipe().need_teacher, Recipe.ce_only().need_teacher) == (True, False)
+    assert RECIPE_FIELDS == ("curriculum", "temperature", "divergence", "beta", "components")
+
+
+def test_unknown_keyword_is_one_clear_error_before_any_work():
+    with pytest.raises(ValueError) as e: Distiller(None, None, None, temprature=1.0)    # before the models are looked at
+    msg = str(e.value)
+    assert isinstance(e.value, TypeError) and isinstance(e.value, UnknownArgument) and "\n" not in msg
+    assert "unexpected keyword argument 'temprature' (did you mean 'temperature'?)" in msg
+    assert all(name in msg for name in ("recipe", "loss", "precision", "cbs", *SHORTHANDS))
+    with pytest.raises(ValueError, match="'temprature' is not a field of a Recipe"): built(recipe=dict(temprature=1.0))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (lambda: dict(loss="fused", fused=False), "fused: fused=False disagrees with loss='fused'"),
+    (lambda: dict(loss=LogitsKD(), fused=True), "fused: fused=True disagrees with loss=LogitsKD"),
+    (lambda: dict(loss="chunked"), "loss: expected a kdlit.distiller.LossSource, 'fused', 'logits' or None, got 'chunked'"),
+    (lambda: dict(fused="yes"), "fused: expected True, False or None"),
+    (lambda: dict(precision="bf16", accelerator=make_accelerator("no")), "precision: 'bf16', but the given accelerator runs 'no'"),
+    (lambda: dict(precision=make_accelerator("no"), accelerator=make_accelerator("no")), "accelerator: given twice"),
+    (lambda: dict(accelerator="bf16"), "accelerator: expected an accelerate.Accelerator"),
+    (lambda: dict(recipe="seed"), "recipe: expected a kdlit.distiller.Recipe"),
+])
+def test_folded_arguments_that_disagree_fail(kw, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)): built(**kw())
+    assert built(loss=LogitsKD(), fused=False, precision="no").fused is False     # agreeing is fine
+
+
+def test_public_names_for_other_modules():
+    "kdlit.hf's imports (`_use_fused`, `_eval_model`, `Distiller._set_recipe`) keep working beside their public names."
+    import types
+    import kdlit.distiller as D
+    assert D._use_fused is use_fused and D._eval_model is eval_model
+    ns = types.SimpleNamespace()
+    Distiller._set_recipe(ns, CUR, 1.0, "jsd", 0.3, ())
+    assert vars(ns) == vars(Recipe(CUR, 1.0, "jsd", 0.3))
+    d = built(precision="no")
+    ev = eval_model(d, d.student, max_batches=1)
+    assert {"val_lm", "val_ppl", "val_kd"} <= set(ev) and ev["val_lm"] == d.eval_loss(d.valid_dl, max_batches=1)["val_lm"]
+    assert "val_kd" not in eval_model(d, d.teacher, max_batches=1)                   # never KL(teacher ‖ teacher)
+    assert use_fused(None, d.student, d.teacher, True, d.accelerator) is True
+
+
+def test_make_accelerator_resets_accelerate_only_for_another_precision(monkeypatch):
+    "The one edit of Accelerate's private state: only where Accelerate would refuse another precision in one process."
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    make_accelerator("no")
+    calls, real = [], AcceleratorState._reset_state
+    monkeypatch.setattr(AcceleratorState, "_reset_state", staticmethod(lambda *a: (calls.append(a), real(*a))[1]))
+    make_accelerator("no"); make_accelerator(None)
+    assert calls == []                                           # the same precision, or none asked: the state stands
+    acc = make_accelerator("bf16")
+    assert calls == [()] and acc.mixed_precision == "bf16"       # AcceleratorState only (PartialState kept)
+    with pytest.raises(ValueError, match="already been initialized"): Accelerator(mixed_precision="no")  # Accelerate alone refuses
+    d = distiller(precision="no").fit(1)                        # a Distiller of another precision, same process
+    assert len(calls) == 2 and d.accelerator.mixed_precision == "no" and acc.mixed_precision == "no"  # the old one follows
