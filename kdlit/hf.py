@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-from .distiller import Distiller, LossSource, LogitsKD, FusedKD, count_tokens, _use_fused, _eval_model, _fingerprint, plain_for_saving
+from .distiller import Distiller, LossSource, LogitsKD, FusedKD, count_tokens, use_fused, eval_model, Recipe, _fingerprint, plain_for_saving
 from .safeguards import StepGuard
 from .metrics import format_ppl
 from .models import check_pair
@@ -28,15 +28,13 @@ def kd_recipe(curriculum=None, # `Curriculum`, dict of weight specs, or None: `D
               divergence: str | None = None, # one of `kdlit.losses.DIVERGENCES`; None: `DEFAULT_RECIPE`'s
               beta: float = 0.5, # β of the generalized JSD
               components=(), # alignment losses (see `kdlit.alignment`), weighted by `name`; `KDTrainer` trains their parameters
-             ) -> SimpleNamespace:
-    """The Distiller's loss recipe, checked exactly as the Distiller checks it (`Distiller._set_recipe`).
+             ) -> Recipe:
+    """The Distiller's loss recipe (`kdlit.distiller.Recipe`), checked exactly as the Distiller checks it.
 
     >>> r = kd_recipe(divergence="jsd", temperature=2.0); r.divergence, r.temperature(0.5), r.active["kd"], r.need_teacher
     ('jsd', 2.0, True, True)
     """
-    r = SimpleNamespace()
-    Distiller._set_recipe(r, curriculum, temperature, divergence, beta, components)
-    return r
+    return Recipe(curriculum, temperature, divergence, beta, components)
 
 # %% ../nbs/07d_hf.ipynb #b24b1063
 class KDMixin:
@@ -72,7 +70,7 @@ class KDMixin:
         self.component_modules = [acc.prepare(c) if _trainable(c) else c.to(acc.device)
                                   for c in self.components]    # as the Distiller: as called (DDP-wrapped when distributed)
         if self.optimizer is not None: self._check_optimizer()
-        self.fused = isinstance(loss, FusedKD) if loss is not None else _use_fused(fused, model, teacher, self.active["kd"], self.accelerator)
+        self.fused = isinstance(loss, FusedKD) if loss is not None else use_fused(fused, model, teacher, self.active["kd"], self.accelerator)
         self.loss_fn = loss if loss is not None else FusedKD() if self.fused else LogitsKD()
         self.student, self._row_step, self._n_logged = self.model, None, 0
         if acc.mixed_precision == "fp16" and acc.scaler is None and acc.device.type == "cpu":   # as `make_accelerator`:
@@ -228,8 +226,8 @@ def evaluate(self: KDMixin, eval_dataset=None, ignore_keys=None, metric_key_pref
         return {k: v for n, d in ds.items() for k, v in self.evaluate(d, ignore_keys, f"{metric_key_prefix}_{n}").items()}
     dl, pre = self.get_eval_dataloader(ds), metric_key_prefix
     if self.teacher is not None and pre not in self.teacher_evals:
-        self.teacher_evals[pre] = _eval_model(self, self.teacher, kd=False, dl=dl)
-    ev = _eval_model(self, self.model, kd=self.teacher is not None, dl=dl)
+        self.teacher_evals[pre] = eval_model(self, self.teacher, kd=False, dl=dl)
+    ev = eval_model(self, self.model, kd=self.teacher is not None, dl=dl)
     m = {f"{pre}_loss": ev["val_lm"], f"{pre}_lm_loss": ev["val_lm"], f"{pre}_ppl": ev["val_ppl"], f"{pre}_tokens": ev["val_tokens"]}
     if "val_kd" in ev: m[f"{pre}_kd_T1"] = ev["val_kd"]
     if pre in self.teacher_evals:
