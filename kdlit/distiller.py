@@ -417,7 +417,7 @@ class Distiller:
                  dls, # `kdlit.data.DataLoaders` (or anything with `.train` and `.valid` loaders of dict batches)
                  *,
                  recipe: Recipe | Mapping | None = None, # the loss recipe: a `Recipe`, a dict of its fields, or None: `Recipe()` (`DEFAULT_RECIPE`)
-                 loss: LossSource | str | None = None, # "fused" (`FusedKD`), "logits" (`LogitsKD`), a `LossSource` (a cache's, on-policy's, yours), or None: fused wherever it applies
+                 loss=None, # "fused" (`FusedKD`), "logits" (`LogitsKD`), a `LossSource` (a cache's, on-policy's, yours), or None: fused wherever it applies
                  lr: float = 3e-4, # peak learning rate
                  grad_accum: int = 1, # micro-batches per optimizer step
                  max_grad_norm: float | None = 1.0, # clip the global gradient norm (None: measure only)
