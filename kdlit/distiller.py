@@ -471,7 +471,7 @@ def _prepare(self: Distiller, teacher, student, dls, fused):
     if self.loss_fn is None: self.loss_fn = FusedKD() if self.fused else LogitsKD()      # the loss interface
     self.teacher = None if teacher is None else teacher.to(acc.device).eval().requires_grad_(False)
     self.student = acc.prepare(student.train())
-    self.component_modules = [acc.prepare(c) if any(True for _ in c.parameters()) else c.to(acc.device)
+    self.component_modules = [acc.prepare(c) if any(p.requires_grad for p in c.parameters()) else c.to(acc.device)
                               for c in self.components]    # as called (DDP-wrapped when distributed)
     self.params = [p for m in (self.student, *self.component_modules) for p in m.parameters() if p.requires_grad]
     self.opt, self.scaler = acc.prepare(self.opt_func(self.params, self.lr)), acc.scaler

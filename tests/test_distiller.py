@@ -85,6 +85,22 @@ def test_components_are_weighted_logged_and_trained():
     assert d.need_hidden and not d.need_attn
 
 
+def test_a_frozen_component_is_not_prepared(monkeypatch):
+    "Only components with trainable parameters go through accelerator.prepare (DDP refuses a module with nothing to train)."
+    from accelerate import Accelerator
+    class Frozen(nn.Module):
+        name, needs_hidden_states, needs_attentions = "feat", True, False
+        def __init__(self): super().__init__(); self.a = nn.Parameter(torch.tensor(0.5), requires_grad=False)
+        def forward(self, s_out, t_out, mask): return (self.a * s_out.hidden_states[-1][mask].mean()) ** 2
+    prepared, orig = [], Accelerator.prepare
+    monkeypatch.setattr(Accelerator, "prepare", lambda self, *a, **k: (prepared.extend(a), orig(self, *a, **k))[1])
+    comp = Frozen()
+    d = distiller(components=[comp], curriculum=dict(kd=1.0, lm=0.5, feat=0.1))
+    assert not any(m is comp for m in prepared) and d.component_modules[0] is comp
+    d.fit(2)
+    assert float(comp.a) == 0.5 and all(p is not comp.a for p in d.params)
+
+
 def test_attention_component_switches_to_eager():
     from kdlit.alignment import alignment_components
     teacher, student, dls = setup(pair_kw=dict(attn_implementation="sdpa"))
