@@ -457,6 +457,11 @@ if tr.accelerator.is_main_process:
     sd.update({f"component.{k}": v.detach().clone() for c in comps for k, v in c.state_dict().items()})
     torch.save(dict(n=tr.accelerator.num_processes, loss=[r["loss"] for r in tr.history], state=sd,
                     wrapped=[type(m).__name__ for m in tr.component_modules]), out)
+tr.accelerator.wait_for_everyone()    # every rank is done, and rank 0 has written its result
+if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+import os; sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)   # torch's CPU (gloo) teardown at interpreter exit intermittently aborts a rank ("terminate called without an
+              # active exception", SIGABRT) after all work is done; the result is on disk, so skip the interpreter's teardown
 ''' % TEXT
 
 
