@@ -350,8 +350,6 @@ def use_fused(fused, # True, False, or None: fused wherever it applies
         except ValueError: return False
     return False
 
-_use_fused = use_fused   # the name kdlit.hf imported before; kept until it imports `use_fused`
-
 # %% ../nbs/07_distiller.ipynb #f2c84b46
 SHORTHANDS = {**dict.fromkeys(RECIPE_FIELDS, "recipe"), "fused": "loss", "accelerator": "precision", "tokenizer": "dls.tokenizer"}
 "The keywords `Distiller(...)` accepts besides its own arguments, and the argument each one folds into."
@@ -514,11 +512,6 @@ def __repr__(self: Distiller):
     return (f"Distiller(step {self.step}/{self.n_steps}, precision={self.accelerator.mixed_precision}, "
             f"grad_accum={self.grad_accum}, components={[c.name for c in self.components]}, "
             f"callbacks={[type(c).__name__ for c in sorted(self.cbs, key=attrgetter('order'))]})")
-
-@patch
-def _set_recipe(self: Distiller, curriculum, temperature, divergence, beta, components):
-    "The name kdlit.hf used before `Recipe`: set `Recipe(curriculum, ...)`'s settings on `self`; kept until it imports `Recipe`."
-    vars(self).update(vars(Recipe(curriculum, temperature, divergence, beta, components)))
 
 # %% ../nbs/07_distiller.ipynb #a09f74bd
 def _graph(w): return contextlib.nullcontext() if w != 0 else torch.no_grad()   # a weight-0 term: logged, no graph
@@ -770,8 +763,6 @@ def eval_model(learn, # a `Distiller`, or anything with its `accelerator`, `vali
     out = dict(val_lm=lm, val_ppl=perplexity(lm), val_ppl_str=format_ppl(lm), val_band=ppl_band(perplexity(lm)), val_tokens=n)
     if kd and model is not learn.teacher: out["val_kd"] = kdv
     return out
-
-_eval_model = eval_model   # the name kdlit.hf imported before; kept until it imports `eval_model`
 
 # %% ../nbs/07_distiller.ipynb #f47e8754
 @patch

@@ -676,13 +676,9 @@ def test_folded_arguments_that_disagree_fail(kw, msg):
 
 
 def test_public_names_for_other_modules():
-    "kdlit.hf's imports (`_use_fused`, `_eval_model`, `Distiller._set_recipe`) keep working beside their public names."
-    import types
-    import kdlit.distiller as D
-    assert D._use_fused is use_fused and D._eval_model is eval_model
-    ns = types.SimpleNamespace()
-    Distiller._set_recipe(ns, CUR, 1.0, "jsd", 0.3, ())
-    assert vars(ns) == vars(Recipe(CUR, 1.0, "jsd", 0.3))
+    "What kdlit.hf uses: `eval_model` (the Distiller's own evaluation) and `use_fused`; hf.py imports no private Distiller names for them."
+    import kdlit.hf as H
+    assert H.eval_model is eval_model and H.use_fused is use_fused and H.Recipe is Recipe
     d = built(precision="no")
     ev = eval_model(d, d.student, max_batches=1)
     assert {"val_lm", "val_ppl", "val_kd"} <= set(ev) and ev["val_lm"] == d.eval_loss(d.valid_dl, max_batches=1)["val_lm"]
