@@ -427,6 +427,27 @@ def _check_data(cfg):
         elif not any(f.is_file() for pat in DEFAULT_PATTERNS for f in p.rglob(pat)):
             raise ValueError(f"data: directory {d!r} has no {'/'.join(DEFAULT_PATTERNS)} files")
 
+# %% ../nbs/08_cli.ipynb #727b94e5
+def _check_out(cfg, ck):
+    "OUT: a directory (or new), writable, and holding no other run unless --overwrite or this run's own --resume."
+    out = RunDir(cfg.out)
+    if out.path.exists() and not out.path.is_dir(): raise ValueError(f"out: {cfg.out!r} exists and is not a directory")
+    elsewhere = ck is not None and out.path.resolve() not in ck.resolve().parents
+    if (ck is None or elsewhere) and out.has_run() and not cfg.overwrite:
+        raise ValueError(f"out: {cfg.out!r} already holds a run; continue it with --resume, "
+                         "or pass --overwrite (or another --out) to start afresh")
+    if out.config.exists() and not out.has_run():
+        raise ValueError(f"out: {str(out.config)!r} exists and is not a kdlit run's (kdlit would replace it); choose another --out")
+    _check_writable(out.path, "out")
+
+def _check_device(dev):
+    "A --device that torch can use."
+    if dev is None: return
+    import torch
+    if dev == "cuda" and not torch.cuda.is_available(): raise ValueError("device: 'cuda' requested but torch sees no CUDA device")
+    if dev == "mps" and not torch.backends.mps.is_available(): raise ValueError("device: 'mps' requested but torch sees no MPS device")
+
+# %% ../nbs/08_cli.ipynb #5d51e03e
 def check_inputs(cfg:DistillConfig):
     "Check every path in a resolved config before anything is loaded; ValueError with one line otherwise."
     _check_teacher(cfg)
@@ -445,20 +466,8 @@ def check_inputs(cfg:DistillConfig):
     if ck is not None and not ck.is_dir():
         raise ValueError(f"resume: no checkpoint at {str(ck)!r} (a run saves one every ckpt_interval steps)")
     if ck is not None: _check_checkpoint(ck, cfg)
-    out = RunDir(cfg.out)
-    if out.path.exists() and not out.path.is_dir(): raise ValueError(f"out: {cfg.out!r} exists and is not a directory")
-    elsewhere = ck is not None and out.path.resolve() not in ck.resolve().parents
-    if (ck is None or elsewhere) and out.has_run() and not cfg.overwrite:
-        raise ValueError(f"out: {cfg.out!r} already holds a run; continue it with --resume, "
-                         "or pass --overwrite (or another --out) to start afresh")
-    if out.config.exists() and not out.has_run():
-        raise ValueError(f"out: {str(out.config)!r} exists and is not a kdlit run's (kdlit would replace it); choose another --out")
-    _check_writable(out.path, "out")
-    dev = cfg.device
-    if dev is not None:
-        import torch
-        if dev == "cuda" and not torch.cuda.is_available(): raise ValueError("device: 'cuda' requested but torch sees no CUDA device")
-        if dev == "mps" and not torch.backends.mps.is_available(): raise ValueError("device: 'mps' requested but torch sees no MPS device")
+    _check_out(cfg, ck)
+    _check_device(cfg.device)
 
 # %% ../nbs/08_cli.ipynb #c71411a7
 class _UsageError(Exception): pass
@@ -477,6 +486,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         lines, tail = super()._split_lines(main, width), f"(default: {d}"
         return lines[:-1] + [f"{lines[-1]} {tail}"] if len(lines[-1]) + 1 + len(tail) <= width else lines + [tail]
 
+# %% ../nbs/08_cli.ipynb #0cbd5283
 def _arg(tp, meta) -> dict:
     "argparse keywords of a field of type `tp`: store_true for a flag, choices for a Literal, type= for numbers."
     if tp is bool: return dict(action="store_true")
@@ -566,6 +576,7 @@ def resolve_run(config=None, # a `DistillConfig`, a dict, or a config file's pat
     if cfg.student is None and cfg.layers is None and cfg.select is None: cfg = cfg.replace(select=DEFAULT_SELECT)
     return cfg
 
+# %% ../nbs/08_cli.ipynb #fba7b208
 def _from_cache_data(cfg:DistillConfig) -> DistillConfig:
     "A `--cache` run's blocks and batches are the cache's: take them, refusing a value given otherwise (not the field's default)."
     d, dflt = open_cache(cfg).manifest["data"], {f.name: f.default for f in fields(DistillConfig)}
@@ -576,6 +587,7 @@ def _from_cache_data(cfg:DistillConfig) -> DistillConfig:
                              f"(a --cache run trains on the cache's blocks and batches); drop --{k.replace('_', '-')}")
     return cfg.replace(**theirs)
 
+# %% ../nbs/08_cli.ipynb #9b944d26
 def format_config(cfg:DistillConfig) -> str:
     "The options as aligned `key  value` lines."
     d = dataclasses.asdict(cfg)
@@ -605,6 +617,7 @@ def calib_of(cfg:DistillConfig, dls):
     if selection(cfg) in (None, "uniform") and cfg.intermediate_size is None: return None
     return dls.train_blocks[:cfg.calib_blocks]
 
+# %% ../nbs/08_cli.ipynb #a2573d9c
 def fresh_student(cfg:DistillConfig, teacher, layers, calib=None):
     "The student as it starts: the saved one `cfg.student` names, or `layers` of the teacher (MLPs pruned on `calib`); the same every call."
     if cfg.student is not None:
@@ -622,6 +635,7 @@ def build_student(cfg:DistillConfig, teacher, dls) -> tuple:
                            intermediate_size=cfg.intermediate_size, progress=False)
     return student, student.kdlit_info.layers, calib
 
+# %% ../nbs/08_cli.ipynb #4c8b4cfc
 def student_for_cache(cfg:DistillConfig, cache) -> tuple:
     "`(student, layers, calib, tokenizer)` of a `--cache` run: --student, or layers of the cached teacher, which is then released."
     import gc
@@ -639,6 +653,7 @@ def student_for_cache(cfg:DistillConfig, cache) -> tuple:
     del teacher; gc.collect()                     # training needs only the cache
     return student, layers, calib, tok
 
+# %% ../nbs/08_cli.ipynb #eb7d969f
 def make_lora(cfg:DistillConfig, student):
     "The student that trains: `student` itself (full fine-tuning), or it wrapped with LoRA adapters of rank `cfg.lora_r`."
     if cfg.lora_r is None: return student
@@ -772,6 +787,7 @@ def _fit(d, cfg:DistillConfig, ck, record, rd:RunDir, ckpt_dir:pathlib.Path, wha
     if d.step < cfg.steps: _stopped(d, record, rd, ckpt_dir, what, "cancelled", save_student=True)   # CancelFitException
     return d.step >= cfg.steps
 
+# %% ../nbs/08_cli.ipynb #de8e8638
 SAMPLES = "samples.md"    # an on-policy run: prompts with the teacher's and the trained student's continuations
 
 def onpolicy_samples(d, src, tok, n:int=3) -> list:
@@ -799,6 +815,7 @@ def _with_samples(rd:RunDir) -> str|None:
     write_atomic(rd.report, text)
     return text
 
+# %% ../nbs/08_cli.ipynb #d80771bd
 def _stopped(d, record, rd, ckpt_dir, what, how, save_student):
     with _no_interrupt():
         try: record(save_student)
@@ -1000,6 +1017,7 @@ def check_cache_inputs(cc:CacheConfig):
         raise ValueError(f"out: {cc.out!r} is not empty and holds no kdlit teacher cache; choose an empty or new directory")
     _check_writable(out, "out")
 
+# %% ../nbs/08_cli.ipynb #91e98a4b
 def make_cache(cc:CacheConfig):
     "Load the teacher and the corpus, capture (or resume) the cache in `cc.out`; returns the `TeacherCache`."
     import torch
@@ -1014,6 +1032,7 @@ def make_cache(cc:CacheConfig):
     print(f"wrote {c!r}\ntrain from it with: kdlit distill --cache {cc.out}", flush=True)
     return c
 
+# %% ../nbs/08_cli.ipynb #f4e7da0a
 def _cache_main(argv:list[str]):
     "Run the teacher once over the corpus and store its sparse targets in OUT, for `kdlit distill --cache OUT`."
     ns = parser("cache").parse_args(argv)

@@ -852,32 +852,44 @@ class ProgressCB(Callback):
             self.mb = master_bar(range(1), **(dict(names=["train loss", "valid LM loss"]) if self.graph else {}))
             self.pb = progress_bar(range(learn.n_steps - learn.step), parent=self.mb)
             self.mb.on_iter_begin(); self.pb.update(0)
-    def after_step(self, learn):
-        r, k = learn.row, learn.step - self.s0
-        if self.pb is not None:
-            self.pb.comment = f"loss {r['loss']:.4f}"
-            self.pb.update(k)
-            every = self.plot_every or max(1, (learn.n_steps - self.s0) // 50)
-            if self.graph and (k % every == 0 or learn.step == learn.n_steps):
-                h = [x for x in learn.history if math.isfinite(x["loss"])]
-                ev = [x for x in learn.evals]
-                self.mb.update_graph([[[x["step"] for x in h], [x["loss"] for x in h]],
-                                      [[x["step"] for x in ev], [x["val_lm"] for x in ev]]])
-        every = self.every or max(1, learn.n_steps // 20)
-        if learn.step % every == 0 or learn.step == learn.n_steps:
-            el = time.perf_counter() - self.t0
-            parts = [f"step {learn.step}/{learn.n_steps}", f"loss {r['loss']:.4f}"]
-            if "kd" in r: parts.append(f"kd {r['kd']:.4f} (D {r['D']:.4f})")
-            parts += [f"{c.name} {r[c.name]:.4f}" for c in learn.components if c.name in r]
-            parts += [f"lm {r['lm']:.4f}", f"T {r['T']:.3f}", f"lr {r['lr']:.2e}", f"|g| {r['grad_norm']:.3g}",
-                      f"{el / max(k, 1):.2f} s/step"] + (["SKIPPED"] if r["skipped"] else [])
-            learn.log(" | ".join(parts))
-    def after_fit(self, learn):
-        learn.wall_time = time.perf_counter() - self.t0
-        learn.log(learn.summary())
-    def cleanup_fit(self, learn):
-        if self.mb is not None: self.mb.on_iter_end()
-        self.mb = self.pb = None
+
+
+# %% ../nbs/07_distiller.ipynb #db641ae0
+@patch
+def after_step(self: ProgressCB, learn):
+    "Move the bar (and the notebook's live plot); a text log line every `every` steps."
+    r, k = learn.row, learn.step - self.s0
+    if self.pb is not None:
+        self.pb.comment = f"loss {r['loss']:.4f}"
+        self.pb.update(k)
+        every = self.plot_every or max(1, (learn.n_steps - self.s0) // 50)
+        if self.graph and (k % every == 0 or learn.step == learn.n_steps):
+            h = [x for x in learn.history if math.isfinite(x["loss"])]
+            ev = [x for x in learn.evals]
+            self.mb.update_graph([[[x["step"] for x in h], [x["loss"] for x in h]],
+                                  [[x["step"] for x in ev], [x["val_lm"] for x in ev]]])
+    every = self.every or max(1, learn.n_steps // 20)
+    if learn.step % every == 0 or learn.step == learn.n_steps:
+        el = time.perf_counter() - self.t0
+        parts = [f"step {learn.step}/{learn.n_steps}", f"loss {r['loss']:.4f}"]
+        if "kd" in r: parts.append(f"kd {r['kd']:.4f} (D {r['D']:.4f})")
+        parts += [f"{c.name} {r[c.name]:.4f}" for c in learn.components if c.name in r]
+        parts += [f"lm {r['lm']:.4f}", f"T {r['T']:.3f}", f"lr {r['lr']:.2e}", f"|g| {r['grad_norm']:.3g}",
+                  f"{el / max(k, 1):.2f} s/step"] + (["SKIPPED"] if r["skipped"] else [])
+        learn.log(" | ".join(parts))
+
+@patch
+def after_fit(self: ProgressCB, learn):
+    "The fit's wall time and summary."
+    learn.wall_time = time.perf_counter() - self.t0
+    learn.log(learn.summary())
+
+@patch
+def cleanup_fit(self: ProgressCB, learn):
+    "Close the bar, even after an error."
+    if self.mb is not None: self.mb.on_iter_end()
+    self.mb = self.pb = None
+
 
 # %% ../nbs/07_distiller.ipynb #306dcf94
 @patch
@@ -973,16 +985,13 @@ def _trainer_state(self: Distiller) -> dict:
                 monitor=self.monitor.state_dict(), history=self.history, evals=self.evals, logs=self.logs,
                 teacher_eval=self.teacher_eval)
 
-# %% ../nbs/07_distiller.ipynb #5332466d
+# %% ../nbs/07_distiller.ipynb #d759de1c
 @patch
-def load_checkpoint(self: Distiller, path) -> Distiller:
-    "Restore everything `save_checkpoint` wrote (clear errors for a corrupt or mismatched checkpoint)."
-    acc, p = self.accelerator, find_checkpoint(path)
-    try: meta = json.loads((p / CKPT_META).read_text())
-    except Exception as e: raise ValueError(f"resume: {p / CKPT_META} is corrupt ({e})") from None
+def _check_meta(self: Distiller, meta: dict, p):
+    "A checkpoint's meta against this Distiller: format, student, components and teacher source must match (ValueError)."
+    fp = _fingerprint([self.accelerator.unwrap_model(self.student)])
     if meta.get("format") != "kdlit-checkpoint" or meta.get("version") != CKPT_FORMAT:
         raise ValueError(f"resume: {p} has format {meta.get('format')!r} v{meta.get('version')}, expected kdlit-checkpoint v{CKPT_FORMAT}")
-    fp = _fingerprint([acc.unwrap_model(self.student)])
     if meta["student"] != fp:
         raise ValueError(f"resume: the checkpoint's student ({meta['student']['n_params']:,} parameters in "
                          f"{meta['student']['n_tensors']} tensors, hash {meta['student']['hash']}) does not match this "
@@ -997,6 +1006,15 @@ def load_checkpoint(self: Distiller, path) -> Distiller:
     if meta["n_steps"] != self.n_steps:
         warnings.warn(f"resume: the checkpoint was planned for {meta['n_steps']} steps, this fit for {self.n_steps}: "
                       "the curricula and the LR schedule are stretched to the new length")
+
+# %% ../nbs/07_distiller.ipynb #5332466d
+@patch
+def load_checkpoint(self: Distiller, path) -> Distiller:
+    "Restore everything `save_checkpoint` wrote (clear errors for a corrupt or mismatched checkpoint)."
+    acc, p = self.accelerator, find_checkpoint(path)
+    try: meta = json.loads((p / CKPT_META).read_text())
+    except Exception as e: raise ValueError(f"resume: {p / CKPT_META} is corrupt ({e})") from None
+    self._check_meta(meta, p)
     try:
         acc.load_state(str(p))
         st = torch.load(p / CKPT_STATE, weights_only=True)
@@ -1010,6 +1028,7 @@ def load_checkpoint(self: Distiller, path) -> Distiller:
     self.guard.load_state_dict(st["guard"]); self.logit_monitor.load_state_dict(st["logit_monitor"])
     self.monitor.load_state_dict(st["monitor"])
     return self
+
 
 # %% ../nbs/07_distiller.ipynb #5332c177
 class CheckpointCB(Callback):
