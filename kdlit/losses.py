@@ -56,7 +56,7 @@ def _logprobs(x, T):
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     return torch.log_softmax((x - x.amax(-1, keepdim=True).detach()) / T, -1)
 
-# %% ../nbs/00_kd_loss.ipynb #2222b488
+# %% ../nbs/00_kd_loss.ipynb #09eb60af
 _LOG2E, _LN2 = 1.4426950408889634, 0.6931471805599453
 
 class _Spec(NamedTuple):
@@ -86,7 +86,7 @@ def _write(g, free, f):
     f(G)
     if G is not g: g.copy_(G)
 
-# %% ../nbs/00_kd_loss.ipynb #d8941f81
+# %% ../nbs/00_kd_loss.ipynb #3c8b53ec
 def _kl_value(B, c, st, sp, soft=False):
     "Forward KL (soft CE with `soft`): Z_a, Z_b and X = Σ 2^b (b − a) (soft CE: Σ 2^b a) into `st`."
     a, b, A = B[:3]
@@ -121,7 +121,7 @@ def _reverse_kl_grad(B, c, st, sp, g):
 
 def _reverse_kl_rows(sp, Za, Zb, X): return _LN2 * (X / Za - Za.log2() + Zb.log2())
 
-# %% ../nbs/00_kd_loss.ipynb #8b330758
+# %% ../nbs/00_kd_loss.ipynb #c39168fb
 def _normalise(B, c):
     "B[0], B[1] ← log₂ q, log₂ p; B[2], B[3] ← q, p (the mixture divergences need them normalised)."
     a, b, q, p = B[:4]
@@ -168,7 +168,7 @@ def _skew_rkl_grad(B, c, st, sp, g):
     torch.mul(a, q, out=b); _sum(b, c[2]); a.sub_(c[2])
     _write(g, b, lambda G: (torch.mul(a, q, out=G), G.mul_(sp.scale)))
 
-# %% ../nbs/00_kd_loss.ipynb #fcb2e610
+# %% ../nbs/00_kd_loss.ipynb #202ade0f
 class _Kernel(NamedTuple):
     "One divergence's block kernel: row sums, gradient, and the rows from the sums."
     value: object              # (B, c, st, spec): row sums of a block into `st`
@@ -185,7 +185,7 @@ _KERNELS = {
     "skew_reverse_kl": _Kernel(_skew_rkl_value, _skew_rkl_grad, lambda sp, Q, *_: _LN2 * Q, 5),
 }
 
-# %% ../nbs/00_kd_loss.ipynb #c099a874
+# %% ../nbs/00_kd_loss.ipynb #e907f4fe
 _BLOCK = 3 << 17            # CPU: entries per scratch buffer when chunk_size is None (1.5 MiB of fp32)
 
 def _auto_chunk(V):
@@ -217,7 +217,7 @@ class _Job(NamedTuple):
     @property
     def t_rows(self): return self.s_idx if self.t_idx is None else self.t_idx
 
-# %% ../nbs/00_kd_loss.ipynb #06b58aaf
+# %% ../nbs/00_kd_loss.ipynb #c8e85e5e
 def _runs(job):
     """[(position, student row, teacher row, length)]: blocks of ≤ `job.rows` positions whose rows are consecutive
     on both sides; None when the rows are too fragmented (runs of under 4 rows on average): then blocks gather."""
@@ -244,7 +244,7 @@ def _redo(sp, sb, tb, bad, grad):
         g = torch.autograd.grad(D.sum(), x)[0] if grad and D.requires_grad else torch.zeros_like(x)
     return D.detach(), g * (sp.T * sp.scale)
 
-# %% ../nbs/00_kd_loss.ipynb #6e905f0c
+# %% ../nbs/00_kd_loss.ipynb #c40799bb
 def _ce_value(ce, p, m, E, cst):
     "CE sums of positions p…p+m, before the KD gradient overwrites the logits: row max, Σ e^(S − max), S_y."
     S, mx, Z, Sy = ce.S[p:p + m], *cst[:, p:p + m]
@@ -258,7 +258,7 @@ def _ce_grad(ce, p, m, V, E, cst, col):
         torch.div(cst[1, p:p + m], ce.scale, out=col); S.addcdiv_(E, col)
         S.scatter_add_(1, ce.y[p:p + m, None], torch.full((m, 1), -ce.scale, dtype=S.dtype, device=S.device))
 
-# %% ../nbs/00_kd_loss.ipynb #3c73901e
+# %% ../nbs/00_kd_loss.ipynb #04db3102
 def _sweep(job, pieces, st, cst, fixed):
     "One thread's share of a sweep: row sums into `st`, CE sums into `cst`, reference values of redone rows into `fixed`."
     sp, k, V, kern = job.spec, job.rows, job.s.shape[1], _KERNELS[job.spec.divergence]
@@ -284,7 +284,7 @@ def _sweep(job, pieces, st, cst, fixed):
                 if gbuf is not None: job.grad.index_copy_(0, job.s_idx[p:p + m], gb)
             if job.ce is not None: _ce_grad(job.ce, p, m, V, E[:m], cst, cm[2])
 
-# %% ../nbs/00_kd_loss.ipynb #3b98ba3e
+# %% ../nbs/00_kd_loss.ipynb #046a7196
 def _find_omp():
     "`omp_set_num_threads` of the OpenMP runtime torch runs on (found in this process's mappings, Linux), or None."
     try:
@@ -310,7 +310,7 @@ def _workers(device, blocks):
     if torch.device(device).type != "cpu" or _OMP is None: return 1
     return max(1, min(torch.get_num_threads(), blocks))
 
-# %% ../nbs/00_kd_loss.ipynb #249da151
+# %% ../nbs/00_kd_loss.ipynb #7fed5429
 def _kd_blocks(job):
     "(Σ D, Σ CE or None) over the job's positions, in float64; writes the gradients the job asks for (see `_Job`)."
     n, dev = job.n, job.s.device
@@ -330,7 +330,7 @@ def _kd_blocks(job):
     mx, Z, Sy = cst.double()[..., 0]
     return D.sum(), (mx + Z.log() - Sy).sum()
 
-# %% ../nbs/00_kd_loss.ipynb #56de7dd4
+# %% ../nbs/00_kd_loss.ipynb #cd93cd53
 def _new_mapping(n, device="cpu"):
     "A fresh anonymous mapping of `n` bytes advised `MADV_HUGEPAGE`, for CPU buffers of 32 MiB or more; else None."
     if torch.device(device).type != "cpu" or n < 32 << 20 or not hasattr(mmap, "MADV_HUGEPAGE"): return None
@@ -352,7 +352,7 @@ def _empty_big(shape, dtype=torch.float32, device="cpu", zero=False):
     if m is not None: return _on_mapping(m, shape, dtype)
     return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
 
-# %% ../nbs/00_kd_loss.ipynb #97444e27
+# %% ../nbs/00_kd_loss.ipynb #f3825611
 REUSE_BUFFERS = True        # keep a freed gradient buffer for the next call (see "The gradient buffer")
 _POOL, _POOL_LOCK = [], threading.RLock()    # idle mappings, newest last
 
@@ -379,7 +379,7 @@ def pooled_bytes() -> int:
     "Bytes of pooled gradient buffers that no tensor uses: memory kdlit holds between calls."
     with _POOL_LOCK: return sum(len(m) for m in _POOL)
 
-# %% ../nbs/00_kd_loss.ipynb #3439e80b
+# %% ../nbs/00_kd_loss.ipynb #b4140598
 def _zero_rest(g, idx, vs):
     "Zero what the kernels do not write: rows outside `idx` and columns past `vs`."
     if vs < g.shape[1]: g[:, vs:] = 0
@@ -403,7 +403,7 @@ def _kd_sweep(s, t, idx, a, scale, grad):
     if grad is not None: _zero_rest(grad, idx, vs)
     return total.to(torch.promote_types(s.dtype, torch.float32))
 
-# %% ../nbs/00_kd_loss.ipynb #89af45e0
+# %% ../nbs/00_kd_loss.ipynb #60ae0201
 class _KDLoss(torch.autograd.Function):
     "T²·ΣD/denom over rows `idx` of 2-D logits, block by block, with the closed-form gradient."
     @staticmethod
@@ -547,7 +547,7 @@ def lm_loss(logits:torch.Tensor, # student logits `[..., V]`
         raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}, got values in [{y.min().item()}, {y.max().item()}]")
     return F.cross_entropy(x.to(torch.promote_types(x.dtype, torch.float32)), y, reduction="sum") / denom
 
-# %% ../nbs/00_kd_loss.ipynb #2f67fb26
+# %% ../nbs/00_kd_loss.ipynb #ea017f6c
 FusedKDOutput = namedtuple("FusedKDOutput", "loss kd lm")
 FusedKDOutput.__doc__ = "`fused_kd_loss`'s result: `loss` (differentiable) = kd_weight·`kd` + lm_weight·`lm` (detached, for logs)."
 FUSED_CHUNK = 512           # fused_kd_loss's default rows per block of logits (see "Block size" above)
@@ -572,7 +572,7 @@ def _teacher_block(th, tW, tl, Tb, take, r, i, m, vs):
     if r is None: return tl[i:i + m, :vs], None
     return tl[:, :vs], r                 # the teacher's rows are read in place, run by run: no gathered copy
 
-# %% ../nbs/00_kd_loss.ipynb #87c84e94
+# %% ../nbs/00_kd_loss.ipynb #9cd6c929
 class _FusedKD(torch.autograd.Function):
     "KD + CE from hidden states, block by block; gradients for the hidden states and head computed in forward."
     @staticmethod
@@ -616,6 +616,21 @@ class _FusedKD(torch.autograd.Function):
             gW = None if gW is None else gW.mul_(go.to(gW.dtype))
         return (None if gh is None else gh.view(ctx.hshape), gW) + (None,) * 6
 
+# %% ../nbs/00_kd_loss.ipynb #f05ed7ea
+def _fused_teacher(teacher, lead):
+    "(hidden, head, logits, vocab size) of `fused_kd_loss`'s `teacher`, checked against the student's leading shape."
+    if not isinstance(teacher, (tuple, list)):
+        _check_logits("teacher", teacher)
+        if teacher.shape[:-1] != lead: raise ValueError(f"teacher logits must have leading shape {tuple(lead)}, got {tuple(teacher.shape[:-1])}")
+        return None, None, teacher, teacher.shape[-1]
+    if len(teacher) != 2: raise ValueError(f"teacher must be logits or a (hidden, head_weight) pair, got {len(teacher)} items")
+    th, tW = teacher
+    _check_logits("teacher[0] (hidden)", th); _check_logits("teacher[1] (head weight)", tW)
+    if th.shape[:-1] != lead or tW.ndim != 2 or tW.shape[1] != th.shape[-1]:
+        raise ValueError(f"teacher (hidden, head) must be [{', '.join(map(str, lead))}, H'] and [V', H'], "
+                         f"got {tuple(th.shape)} and {tuple(tW.shape)}")
+    return th, tW, None, tW.shape[0]
+
 # %% ../nbs/00_kd_loss.ipynb #8e2974ac
 def fused_kd_loss(student_hidden:torch.Tensor, # student's last hidden states `[..., H]` (after the final norm)
                   lm_head_weight:torch.Tensor, # student's output head `[V, H]` (logits = hidden @ weightᵀ, no bias)
@@ -650,18 +665,7 @@ def fused_kd_loss(student_hidden:torch.Tensor, # student's last hidden states `[
     if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != H:
         raise ValueError(f"lm_head_weight must be [V, {H}] (the hidden size), got {tuple(lm_head_weight.shape)}")
     lead = student_hidden.shape[:-1]
-    if isinstance(teacher, (tuple, list)):
-        if len(teacher) != 2: raise ValueError(f"teacher must be logits or a (hidden, head_weight) pair, got {len(teacher)} items")
-        th, tW, tl = teacher[0], teacher[1], None
-        _check_logits("teacher[0] (hidden)", th); _check_logits("teacher[1] (head weight)", tW)
-        if th.shape[:-1] != lead or tW.ndim != 2 or tW.shape[1] != th.shape[-1]:
-            raise ValueError(f"teacher (hidden, head) must be [{', '.join(map(str, lead))}, H'] and [V', H'], "
-                             f"got {tuple(th.shape)} and {tuple(tW.shape)}")
-        Vt = tW.shape[0]
-    else:
-        _check_logits("teacher", teacher); th = tW = None; tl = teacher
-        if tl.shape[:-1] != lead: raise ValueError(f"teacher logits must have leading shape {tuple(lead)}, got {tuple(tl.shape[:-1])}")
-        Vt = tl.shape[-1]
+    th, tW, tl, Vt = _fused_teacher(teacher, lead)
     T = _number("temperature", temperature, lo=0, lo_open=True)
     if divergence not in DIVERGENCES: raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     beta, skew = _number("beta", beta, 0, 1), _number("skew", skew, 0, 1)
