@@ -10,7 +10,7 @@ __all__ = ['DIVERGENCES', 'REUSE_BUFFERS', 'FusedKDOutput', 'FUSED_CHUNK', 'SPAR
            'sparse_targets', 'sparse_kd_loss']
 
 # %% ../nbs/00_kd_loss.ipynb #9a70493c
-import ctypes, math, mmap, numbers, threading, weakref
+import ctypes, math, mmap, numbers, os, threading, weakref
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import NamedTuple
@@ -56,7 +56,7 @@ def _logprobs(x, T):
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     return torch.log_softmax((x - x.amax(-1, keepdim=True).detach()) / T, -1)
 
-# %% ../nbs/00_kd_loss.ipynb #09eb60af
+# %% ../nbs/00_kd_loss.ipynb #1a479fdf
 _LOG2E, _LN2 = 1.4426950408889634, 0.6931471805599453
 
 class _Spec(NamedTuple):
@@ -86,7 +86,7 @@ def _write(g, free, f):
     f(G)
     if G is not g: g.copy_(G)
 
-# %% ../nbs/00_kd_loss.ipynb #3c8b53ec
+# %% ../nbs/00_kd_loss.ipynb #f601f0ae
 def _kl_value(B, c, st, sp, soft=False):
     "Forward KL (soft CE with `soft`): Z_a, Z_b and X = Σ 2^b (b − a) (soft CE: Σ 2^b a) into `st`."
     a, b, A = B[:3]
@@ -121,7 +121,7 @@ def _reverse_kl_grad(B, c, st, sp, g):
 
 def _reverse_kl_rows(sp, Za, Zb, X): return _LN2 * (X / Za - Za.log2() + Zb.log2())
 
-# %% ../nbs/00_kd_loss.ipynb #c39168fb
+# %% ../nbs/00_kd_loss.ipynb #6bc5c0f9
 def _normalise(B, c):
     "B[0], B[1] ← log₂ q, log₂ p; B[2], B[3] ← q, p (the mixture divergences need them normalised)."
     a, b, q, p = B[:4]
@@ -168,7 +168,7 @@ def _skew_rkl_grad(B, c, st, sp, g):
     torch.mul(a, q, out=b); _sum(b, c[2]); a.sub_(c[2])
     _write(g, b, lambda G: (torch.mul(a, q, out=G), G.mul_(sp.scale)))
 
-# %% ../nbs/00_kd_loss.ipynb #202ade0f
+# %% ../nbs/00_kd_loss.ipynb #7ca1dec0
 class _Kernel(NamedTuple):
     "One divergence's block kernel: row sums, gradient, and the rows from the sums."
     value: object              # (B, c, st, spec): row sums of a block into `st`
@@ -185,7 +185,7 @@ _KERNELS = {
     "skew_reverse_kl": _Kernel(_skew_rkl_value, _skew_rkl_grad, lambda sp, Q, *_: _LN2 * Q, 5),
 }
 
-# %% ../nbs/00_kd_loss.ipynb #e907f4fe
+# %% ../nbs/00_kd_loss.ipynb #5a482dcb
 _BLOCK = 3 << 17            # CPU: entries per scratch buffer when chunk_size is None (1.5 MiB of fp32)
 
 def _auto_chunk(V):
@@ -217,7 +217,7 @@ class _Job(NamedTuple):
     @property
     def t_rows(self): return self.s_idx if self.t_idx is None else self.t_idx
 
-# %% ../nbs/00_kd_loss.ipynb #c8e85e5e
+# %% ../nbs/00_kd_loss.ipynb #a9b85475
 def _runs(job):
     """[(position, student row, teacher row, length)]: blocks of ≤ `job.rows` positions whose rows are consecutive
     on both sides; None when the rows are too fragmented (runs of under 4 rows on average): then blocks gather."""
@@ -244,7 +244,7 @@ def _redo(sp, sb, tb, bad, grad):
         g = torch.autograd.grad(D.sum(), x)[0] if grad and D.requires_grad else torch.zeros_like(x)
     return D.detach(), g * (sp.T * sp.scale)
 
-# %% ../nbs/00_kd_loss.ipynb #c40799bb
+# %% ../nbs/00_kd_loss.ipynb #d8b36dff
 def _ce_value(ce, p, m, E, cst):
     "CE sums of positions p…p+m, before the KD gradient overwrites the logits: row max, Σ e^(S − max), S_y."
     S, mx, Z, Sy = ce.S[p:p + m], *cst[:, p:p + m]
@@ -258,7 +258,7 @@ def _ce_grad(ce, p, m, V, E, cst, col):
         torch.div(cst[1, p:p + m], ce.scale, out=col); S.addcdiv_(E, col)
         S.scatter_add_(1, ce.y[p:p + m, None], torch.full((m, 1), -ce.scale, dtype=S.dtype, device=S.device))
 
-# %% ../nbs/00_kd_loss.ipynb #04db3102
+# %% ../nbs/00_kd_loss.ipynb #75f5be87
 def _sweep(job, pieces, st, cst, fixed):
     "One thread's share of a sweep: row sums into `st`, CE sums into `cst`, reference values of redone rows into `fixed`."
     sp, k, V, kern = job.spec, job.rows, job.s.shape[1], _KERNELS[job.spec.divergence]
@@ -284,7 +284,7 @@ def _sweep(job, pieces, st, cst, fixed):
                 if gbuf is not None: job.grad.index_copy_(0, job.s_idx[p:p + m], gb)
             if job.ce is not None: _ce_grad(job.ce, p, m, V, E[:m], cst, cm[2])
 
-# %% ../nbs/00_kd_loss.ipynb #046a7196
+# %% ../nbs/00_kd_loss.ipynb #7cc083ee
 def _find_omp():
     "`omp_set_num_threads` of the OpenMP runtime torch runs on (found in this process's mappings, Linux), or None."
     try:
@@ -294,6 +294,12 @@ def _find_omp():
 
 _OMP = _find_omp()
 _POOLS, _POOLS_LOCK = {}, threading.Lock()
+
+def _forget_pools():
+    "In a forked child the parent's pool threads do not exist: start afresh."
+    global _POOLS, _POOLS_LOCK
+    _POOLS, _POOLS_LOCK = {}, threading.Lock()
+if hasattr(os, "register_at_fork"): os.register_at_fork(after_in_child=_forget_pools)
 
 def _one_thread():
     "A pool thread's start: torch's per-thread setup first (it would undo what follows), then OpenMP on one thread, for this thread only."
@@ -310,7 +316,7 @@ def _workers(device, blocks):
     if torch.device(device).type != "cpu" or _OMP is None: return 1
     return max(1, min(torch.get_num_threads(), blocks))
 
-# %% ../nbs/00_kd_loss.ipynb #7fed5429
+# %% ../nbs/00_kd_loss.ipynb #2e7ce1ec
 def _kd_blocks(job):
     "(Σ D, Σ CE or None) over the job's positions, in float64; writes the gradients the job asks for (see `_Job`)."
     n, dev = job.n, job.s.device
@@ -330,7 +336,7 @@ def _kd_blocks(job):
     mx, Z, Sy = cst.double()[..., 0]
     return D.sum(), (mx + Z.log() - Sy).sum()
 
-# %% ../nbs/00_kd_loss.ipynb #cd93cd53
+# %% ../nbs/00_kd_loss.ipynb #27a9c7d8
 def _new_mapping(n, device="cpu"):
     "A fresh anonymous mapping of `n` bytes advised `MADV_HUGEPAGE`, for CPU buffers of 32 MiB or more; else None."
     if torch.device(device).type != "cpu" or n < 32 << 20 or not hasattr(mmap, "MADV_HUGEPAGE"): return None
@@ -352,7 +358,7 @@ def _empty_big(shape, dtype=torch.float32, device="cpu", zero=False):
     if m is not None: return _on_mapping(m, shape, dtype)
     return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
 
-# %% ../nbs/00_kd_loss.ipynb #f3825611
+# %% ../nbs/00_kd_loss.ipynb #7b20f38d
 REUSE_BUFFERS = True        # keep a freed gradient buffer for the next call (see "The gradient buffer")
 _POOL, _POOL_LOCK = [], threading.RLock()    # idle mappings, newest last
 
@@ -379,7 +385,7 @@ def pooled_bytes() -> int:
     "Bytes of pooled gradient buffers that no tensor uses: memory kdlit holds between calls."
     with _POOL_LOCK: return sum(len(m) for m in _POOL)
 
-# %% ../nbs/00_kd_loss.ipynb #b4140598
+# %% ../nbs/00_kd_loss.ipynb #c7085742
 def _zero_rest(g, idx, vs):
     "Zero what the kernels do not write: rows outside `idx` and columns past `vs`."
     if vs < g.shape[1]: g[:, vs:] = 0
@@ -403,7 +409,7 @@ def _kd_sweep(s, t, idx, a, scale, grad):
     if grad is not None: _zero_rest(grad, idx, vs)
     return total.to(torch.promote_types(s.dtype, torch.float32))
 
-# %% ../nbs/00_kd_loss.ipynb #60ae0201
+# %% ../nbs/00_kd_loss.ipynb #00f71e83
 class _KDLoss(torch.autograd.Function):
     "T²·ΣD/denom over rows `idx` of 2-D logits, block by block, with the closed-form gradient."
     @staticmethod
@@ -547,7 +553,7 @@ def lm_loss(logits:torch.Tensor, # student logits `[..., V]`
         raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}, got values in [{y.min().item()}, {y.max().item()}]")
     return F.cross_entropy(x.to(torch.promote_types(x.dtype, torch.float32)), y, reduction="sum") / denom
 
-# %% ../nbs/00_kd_loss.ipynb #ea017f6c
+# %% ../nbs/00_kd_loss.ipynb #0ca32863
 FusedKDOutput = namedtuple("FusedKDOutput", "loss kd lm")
 FusedKDOutput.__doc__ = "`fused_kd_loss`'s result: `loss` (differentiable) = kd_weight·`kd` + lm_weight·`lm` (detached, for logs)."
 FUSED_CHUNK = 512           # fused_kd_loss's default rows per block of logits (see "Block size" above)
@@ -572,7 +578,7 @@ def _teacher_block(th, tW, tl, Tb, take, r, i, m, vs):
     if r is None: return tl[i:i + m, :vs], None
     return tl[:, :vs], r                 # the teacher's rows are read in place, run by run: no gathered copy
 
-# %% ../nbs/00_kd_loss.ipynb #9cd6c929
+# %% ../nbs/00_kd_loss.ipynb #ee2464b1
 class _FusedKD(torch.autograd.Function):
     "KD + CE from hidden states, block by block; gradients for the hidden states and head computed in forward."
     @staticmethod

@@ -146,3 +146,23 @@ def test_one_kernel_tier_and_a_fixed_table():
     assert set(losses._KERNELS) == set(DIVERGENCES)
     for name in ("_fast_kernel", "_fast_rows", "_lean_kl", "_LEAN", "_ORIGINAL", "_EXACT", "_kd_sum", "_Workspace", "_ChunkedKD"):
         assert not hasattr(losses, name), name
+
+
+def test_a_forked_child_gets_its_own_pool():
+    "The parent's pool threads do not exist in a forked child: a loss there must not wait on them."
+    import multiprocessing as mp
+    if losses._OMP is None or "fork" not in mp.get_all_start_methods(): pytest.skip("needs fork and the pool")
+    old = torch.get_num_threads(); torch.set_num_threads(2)
+    try:
+        s, t = _logits(0, (32, 500)), _logits(1, (32, 500))
+        kd_loss(s, t, chunk_size=2)                          # the parent's pool exists now
+        ctx = mp.get_context("fork")
+        with ctx.Pool(1) as p:
+            r = p.apply_async(_child_loss, (s, t))
+            assert abs(r.get(timeout=60) - float(kd_loss(s, t, chunk_size=2))) < 1e-6
+    finally: torch.set_num_threads(old)
+
+
+def _child_loss(s, t):
+    torch.set_num_threads(2)
+    return float(kd_loss(s, t, chunk_size=2))
