@@ -156,10 +156,12 @@ def test_a_forked_child_gets_its_own_pool():
     try:
         s, t = _logits(0, (32, 500)), _logits(1, (32, 500))
         kd_loss(s, t, chunk_size=2)                          # the parent's pool exists now
+        both = threading.Barrier(2)
+        list(losses._pool(2).map(lambda _: both.wait(timeout=10), range(2)))   # with both its threads started, idle
         ctx = mp.get_context("fork")
         with ctx.Pool(1) as p:
             r = p.apply_async(_child_loss, (s, t))
-            assert abs(r.get(timeout=60) - float(kd_loss(s, t, chunk_size=2))) < 1e-6
+            assert abs(r.get(timeout=30) - float(kd_loss(s, t, chunk_size=2))) < 1e-6
     finally: torch.set_num_threads(old)
 
 
