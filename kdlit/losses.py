@@ -578,6 +578,13 @@ def _teacher_block(th, tW, tl, Tb, take, r, i, m, vs):
     if r is None: return tl[i:i + m, :vs], None
     return tl[:, :vs], r                 # the teacher's rows are read in place, run by run: no gathered copy
 
+def _head_grads(G, hc, Wd, gh, gW, r, i):
+    "A block's share of the head's gradients: ∂h = G·W into `gh` (rows i… or rows `r`), ∂W += Gᵀ·h."
+    if gh is not None:
+        if r is None: _mm(G, Wd, gh[i:i + G.shape[0]])
+        else: gh.index_copy_(0, r, (G @ Wd).to(gh.dtype))
+    if gW is not None: gW.addmm_(G.t().to(gW.dtype), hc.to(gW.dtype))
+
 # %% ../nbs/00_kd_loss.ipynb #ee2464b1
 class _FusedKD(torch.autograd.Function):
     "KD + CE from hidden states, block by block; gradients for the hidden states and head computed in forward."
@@ -603,11 +610,7 @@ class _FusedKD(torch.autograd.Function):
             kd_b, lm_b = _kd_blocks(_Job(Sc[:, :vs], tc, sp, min(m, _auto_rows(vs, dev)), t_idx=ti, grad=Sc[:, :vs], ce=ce))
             if ce is None and vs < V: Sc[:, vs:] = 0
             kd_tot = kd_tot + kd_b; lm_tot = lm_tot if lm_b is None else lm_tot + lm_b
-            G = Sc if Sc.dtype == W.dtype else Sc.to(W.dtype)
-            if gh is not None:
-                if r is None: _mm(G, Wd, gh[i:i + m])
-                else: gh.index_copy_(0, r, (G @ Wd).to(gh.dtype))
-            if gW is not None: gW.addmm_(G.t().to(cdt), hc.to(cdt))
+            _head_grads(Sc if Sc.dtype == W.dtype else Sc.to(W.dtype), hc, Wd, gh, gW, r, i)
         ctx.save_for_backward(gh, None if gW is None else gW.to(W.dtype))
         ctx.hshape = h.shape
         kd, lm = (kd_tot * (T * T / a.denom)).float(), (lm_tot / a.denom).float()
