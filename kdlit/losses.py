@@ -288,7 +288,7 @@ def _sweep(job, pieces, st, cst, fixed):
 def _find_omp():
     "`omp_set_num_threads` of the OpenMP runtime torch runs on (found in this process's mappings, Linux), or None."
     try:
-        with open("/proc/self/maps") as f: lib = next(l.split()[-1] for l in f if "libgomp" in l)
+        with open("/proc/self/maps") as f: lib = next(l.split()[-1] for l in f if any(k in l for k in ("libgomp", "libiomp", "libomp")))
         return ctypes.CDLL(lib).omp_set_num_threads
     except (OSError, StopIteration, AttributeError): return None
 
