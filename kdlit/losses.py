@@ -323,7 +323,7 @@ def _kd_blocks(job):
     cdt = torch.promote_types(torch.promote_types(job.s.dtype, job.t.dtype), torch.float32)
     pieces = _runs(job)
     if pieces is None: pieces = [(p, None, None, min(job.rows, n - p)) for p in range(0, n, job.rows)]
-    st = torch.empty(3, n, 1, dtype=cdt, device=dev)
+    st = torch.zeros(3, n, 1, dtype=cdt, device=dev)      # zeros: a kernel may fill fewer than three sums
     cst = torch.empty(3, n, 1, dtype=torch.float32, device=dev) if job.ce is not None else None
     fixed, workers = [], _workers(dev, len(pieces))
     if workers == 1: _sweep(job, pieces, st, cst, fixed)

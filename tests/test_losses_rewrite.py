@@ -168,3 +168,18 @@ def test_a_forked_child_gets_its_own_pool():
 def _child_loss(s, t):
     torch.set_num_threads(2)
     return float(kd_loss(s, t, chunk_size=2))
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_finite_logits_never_take_the_reference_fallback(div, monkeypatch):
+    "Only rows the block formulas cannot value go to the reference: none when every logit is finite."
+    calls = []
+    real = losses._redo
+    monkeypatch.setattr(losses, "_redo", lambda *a: calls.append(1) or real(*a))
+    s, t = _logits(0, (30, 300)), _logits(1, (30, 300))
+    for _ in range(5):
+        kd_loss(s.clone().requires_grad_(), t, temperature=2.0, divergence=div, chunk_size=4).backward()
+    assert calls == []
+    s, t = s.clone(), t.clone(); s[3, :7] = t[3, :7] = -math.inf   # and a row that needs it does take it (0·∞)
+    kd_loss(s.requires_grad_(), t, temperature=2.0, divergence=div, chunk_size=4).backward()
+    assert calls
