@@ -104,6 +104,7 @@ def _kl_grad(B, c, st, sp, g):
 def _kl_rows(sp, Za, Zb, X): return _LN2 * (X / Zb + Za.log2() - Zb.log2())
 def _soft_ce_rows(sp, Za, Zb, X): return _LN2 * (Za.log2() - X / Zb)
 
+# %% ../nbs/00_kd_loss.ipynb #590a4d62
 def _reverse_kl_value(B, c, st, sp):
     "KL(q‖p): Z_a, Z_b and X = Σ 2^a (a − b) into `st`; leaves a − b in B[0], 2^a in B[2]."
     a, b, A = B[:3]
@@ -141,6 +142,7 @@ def _jsd_grad(B, c, st, sp, g):
     a.sub_(st[1])
     _write(g, b, lambda G: (torch.mul(a, q, out=G), G.mul_(sp.scale * (1 - sp.beta) * _LN2)))
 
+# %% ../nbs/00_kd_loss.ipynb #2c29638c
 def _skew_fkl_value(B, c, st, sp):
     "KL(p‖m), m = s·p + (1−s)·q: P = Σ p log₂ p/m into `st`; leaves w = p/m in B[0]."
     _normalise(B, c); a, b, q, p, m = B[:5]
