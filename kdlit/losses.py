@@ -10,12 +10,13 @@ __all__ = ['DIVERGENCES', 'REUSE_BUFFERS', 'FusedKDOutput', 'FUSED_CHUNK', 'SPAR
            'sparse_targets', 'sparse_kd_loss']
 
 # %% ../nbs/00_kd_loss.ipynb #9a70493c
-import math, numbers, sys, threading
+import ctypes, math, mmap, numbers, os, threading, weakref
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-import mmap
 from collections import namedtuple
 
 # %% ../nbs/00_kd_loss.ipynb #0d8c4312
@@ -55,109 +56,289 @@ def _logprobs(x, T):
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     return torch.log_softmax((x - x.amax(-1, keepdim=True).detach()) / T, -1)
 
-# %% ../nbs/00_kd_loss.ipynb #52c84cb8
-def _put(out, g, scale):
-    "Write `scale·g` (computed in fp32) into `out`, whatever its dtype."
-    if out.dtype == g.dtype: torch.mul(g, scale, out=out)
-    else: out.copy_(g.mul_(scale))
+# %% ../nbs/00_kd_loss.ipynb #1a479fdf
+_LOG2E, _LN2 = 1.4426950408889634, 0.6931471805599453
 
-def _chunk_exact_forward_kl(s, t, T, scale=None, out=None, **kw):
-    "Forward KL on a chunk via log-probabilities, exact for −inf entries; gradient q − p."
-    ls, lt = _logprobs(s, T), _logprobs(t, T)
-    p = lt.exp()
-    rows = _wdiff(p, lt, ls).sum(-1)
-    if scale is not None: _put(out, ls.exp_().sub_(p), scale)
-    return rows
+class _Spec(NamedTuple):
+    "A divergence with its parameters, and the factor of the gradient a kernel writes."
+    divergence: str
+    T: float
+    beta: float = 0.5
+    skew: float = 0.1
+    scale: float = 1.0        # kernels write scale·∂D/∂(z/T)
 
-def _chunk_soft_ce(s, t, T, scale=None, out=None, **kw):
-    "Soft cross-entropy −Σ p log q on a chunk; gradient q − p (as forward KL)."
-    ls, lt = _logprobs(s, T), _logprobs(t, T)
-    p = lt.exp_()
-    rows = -_wdiff(p, ls, torch.zeros_like(ls)).sum(-1)
-    if scale is not None: _put(out, ls.exp_().sub_(p), scale)
-    return rows
+def _spec(divergence, T, beta=0.5, skew=0.1, scale=1.0):
+    "A `_Spec`; JSD's endpoints are the exact KLs they are (as in `_divergence_rows`)."
+    if divergence == "jsd" and beta in (0, 1): divergence = "forward_kl" if beta == 0 else "reverse_kl"
+    return _Spec(divergence, T, beta, skew, scale)
 
-def _chunk_reverse_kl(s, t, T, scale=None, out=None, **kw):
-    "Reverse KL(q‖p) on a chunk; gradient q·(log q/p − D)."
-    ls, lt = _logprobs(s, T), _logprobs(t, T)
-    q = ls.exp()
-    r = torch.where(q > 0, ls - lt, 0.)
-    rows = (q * r).sum(-1)
-    if scale is not None: _put(out, r.sub_(rows[:, None]).mul_(q), scale)
-    return rows
+def _shift(x, out, col, c):
+    "out = (x − row max)·c in `out`'s dtype: exactly 0 at the max (one fused multiply-add would round it off 0)."
+    if x.dtype == col.dtype: torch.amax(x, -1, keepdim=True, out=col)
+    else: col.copy_(x.amax(-1, keepdim=True))
+    torch.sub(x, col, out=out); out.mul_(c)
 
-def _chunk_jsd(s, t, T, scale=None, out=None, beta=0.5, **kw):
-    "Generalized JSD on a chunk; gradient (1−β)·q·(log q/m − KL(q‖m)); exact KL endpoints."
-    if beta == 0: return _chunk_forward_kl(s, t, T, scale, out)
-    if beta == 1: return _chunk_reverse_kl(s, t, T, scale, out)
-    ls, lt = _logprobs(s, T), _logprobs(t, T)
-    lm, q = _log_mix(lt, ls, beta), ls.exp()
-    a = torch.where(q > 0, ls - lm, 0.)
-    kq = (q * a).sum(-1)
-    rows = beta * _wdiff(lt.exp(), lt, lm).sum(-1) + (1 - beta) * kq
-    if scale is not None: _put(out, a.sub_(kq[:, None]).mul_(q), scale * (1 - beta))
-    return rows
+def _sum(x, out): return torch.sum(x, -1, keepdim=True, out=out)
 
-def _chunk_skew_forward_kl(s, t, T, scale=None, out=None, skew=0.1, **kw):
-    "KL(p ‖ s·p + (1−s)·q) on a chunk; gradient (1−s)·q·(Σ q·w − w), w = p/m."
-    ls, lt = _logprobs(s, T), _logprobs(t, T)
-    lm, p = _log_mix(lt, ls, skew), lt.exp()
-    rows = _wdiff(p, lt, lm).sum(-1)
-    if scale is not None:
-        q, w = ls.exp(), torch.where(p > 0, (lt - lm).exp(), 0.)
-        _put(out, (q * w).sum(-1, keepdim=True).sub(w).mul_(q), scale * (1 - skew))
-    return rows
+def _write(g, free, f):
+    "Let `f(G)` write a gradient into `g`, through the free buffer `free` when `g`'s dtype is not the compute dtype."
+    G = g if g.dtype == free.dtype else free
+    f(G)
+    if G is not g: g.copy_(G)
 
-def _chunk_skew_reverse_kl(s, t, T, scale=None, out=None, skew=0.1, **kw):
-    "KL(q ‖ (1−s)·p + s·q) on a chunk; gradient q·(a − D − s·(v − Σ q·v)), a = log q/m, v = q/m."
-    ls, lt = _logprobs(s, T), _logprobs(t, T)
-    lm, q = _log_mix(lt, ls, 1 - skew), ls.exp()
-    a = torch.where(q > 0, ls - lm, 0.)
-    rows = (q * a).sum(-1)
-    if scale is not None:
-        v = torch.where(q > 0, (ls - lm).exp(), 0.)
-        v.sub_((q * v).sum(-1, keepdim=True)).mul_(skew)
-        _put(out, a.sub_(rows[:, None]).sub_(v).mul_(q), scale)
-    return rows
+# %% ../nbs/00_kd_loss.ipynb #f601f0ae
+def _kl_value(B, c, st, sp, soft=False):
+    "Forward KL (soft CE with `soft`): Z_a, Z_b and X = Σ 2^b (b − a) (soft CE: Σ 2^b a) into `st`."
+    a, b, A = B[:3]
+    torch.exp2(a, out=A); _sum(A, st[0])
+    if not soft: torch.sub(b, a, out=a)
+    b.exp2_(); _sum(b, st[1])
+    a.mul_(b); _sum(a, st[2])
 
-# %% ../nbs/00_kd_loss.ipynb #92ead702
-def _chunk_forward_kl(s, t, T, scale=None, out=None, scratch=None, **kw):
-    "Forward KL on a chunk with ≤3 fp32 temporaries; rows that come out NaN are redone by the exact kernel."
-    n, V = s.shape
-    cdt = torch.promote_types(s.dtype, torch.float32)
-    if scratch is None or scratch[0].shape[0] < n or scratch[0].shape[1] != V:
-        scratch = [torch.empty(n, V, dtype=cdt, device=s.device) for _ in range(3)]
-    u, v, e = (b[:n] for b in scratch[:3])
-    torch.sub(s, s.amax(-1, keepdim=True).to(cdt), out=u)      # upcast, shift, then divide by T
-    torch.sub(t, t.amax(-1, keepdim=True).to(cdt), out=v)
-    if T != 1: u.div_(T); v.div_(T)
-    torch.exp(v, out=e); st = e.sum(-1, keepdim=True)          # e = teacher's unnormalised p
-    v.sub_(u)                                                  # v̄ − ū
-    u.exp_(); ss = u.sum(-1, keepdim=True)                     # u = student's unnormalised q
-    if scale is not None:                                      # out = scale·(q − p)
-        if out.dtype == cdt: torch.mul(u, scale / ss, out=out); out.addcmul_(e, scale / st, value=-1)
-        else: u.mul_(scale / ss).addcmul_(e, scale / st, value=-1); out.copy_(u)
-    rows = e.mul_(v).sum(-1).div_(st[:, 0]).add_(ss[:, 0].log()).sub_(st[:, 0].log())
-    bad = rows.isnan()
-    if bad.any():
-        i = bad.nonzero()[:, 0]
-        o = None if scale is None else torch.empty(len(i), V, dtype=out.dtype, device=out.device)
-        rows[i] = _chunk_exact_forward_kl(s[i], t[i], T, scale, o)
-        if scale is not None: out.index_copy_(0, i, o)
-    return rows
+def _kl_grad(B, c, st, sp, g):
+    "scale·(q − p) = scale·(2^a/Z_a − 2^b/Z_b)."
+    a, b, A = B[:3]
+    torch.div(st[0], sp.scale, out=c[0]); torch.div(st[1], sp.scale, out=c[1])
+    _write(g, a, lambda G: (torch.div(A, c[0], out=G), G.addcdiv_(b, c[1], value=-1)))
 
-_KERNELS = {"forward_kl": _chunk_forward_kl, "reverse_kl": _chunk_reverse_kl, "jsd": _chunk_jsd,
-            "skew_forward_kl": _chunk_skew_forward_kl, "skew_reverse_kl": _chunk_skew_reverse_kl,
-            "soft_ce": _chunk_soft_ce}
+def _kl_rows(sp, Za, Zb, X): return _LN2 * (X / Zb + Za.log2() - Zb.log2())
+def _soft_ce_rows(sp, Za, Zb, X): return _LN2 * (Za.log2() - X / Zb)
 
-# %% ../nbs/00_kd_loss.ipynb #8cb38091
-def _empty_big(shape, dtype=torch.float32, device="cpu", zero=False):
-    """`torch.empty` (or `torch.zeros` with `zero`), except that on Linux CPU a buffer of 32 MiB or more is a fresh
-    anonymous mapping advised `MADV_HUGEPAGE`: zero-filled, and first touched 2 MiB per page fault instead of 4 KiB."""
-    m = _new_mapping(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), device)
-    if m is not None: return torch.frombuffer(m, dtype=dtype).view(shape)   # the tensor keeps the mapping alive
-    return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+# %% ../nbs/00_kd_loss.ipynb #590a4d62
+def _reverse_kl_value(B, c, st, sp):
+    "KL(q‖p): Z_a, Z_b and X = Σ 2^a (a − b) into `st`; leaves a − b in B[0], 2^a in B[2]."
+    a, b, A = B[:3]
+    torch.exp2(a, out=A); _sum(A, st[0])
+    torch.sub(a, b, out=a)
+    b.exp2_(); _sum(b, st[1])
+    torch.mul(A, a, out=b); _sum(b, st[2])
 
+def _reverse_kl_grad(B, c, st, sp, g):
+    "scale·q ⊙ (ln q/p − D) = scale·ln 2·(2^a/Z_a) ⊙ (a − b − X/Z_a)."
+    a, b, A = B[:3]
+    torch.div(st[2], st[0], out=c[0]); a.sub_(c[0])
+    torch.div(st[0], sp.scale * _LN2, out=c[1])
+    _write(g, b, lambda G: (torch.mul(a, A, out=G), G.div_(c[1])))
+
+def _reverse_kl_rows(sp, Za, Zb, X): return _LN2 * (X / Za - Za.log2() + Zb.log2())
+
+# %% ../nbs/00_kd_loss.ipynb #6bc5c0f9
+def _normalise(B, c):
+    "B[0], B[1] ← log₂ q, log₂ p; B[2], B[3] ← q, p (the mixture divergences need them normalised)."
+    a, b, q, p = B[:4]
+    torch.exp2(a, out=q); _sum(q, c[0]); torch.exp2(b, out=p); _sum(p, c[1])
+    q.div_(c[0]); p.div_(c[1]); a.sub_(c[0].log2_()); b.sub_(c[1].log2_())
+
+def _jsd_value(B, c, st, sp):
+    "β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q: P = Σ p log₂ p/m, Q = Σ q log₂ q/m into `st`."
+    _normalise(B, c); a, b, q, p, m = B[:5]
+    torch.mul(p, sp.beta, out=m); m.add_(q, alpha=1 - sp.beta).log2_()
+    b.sub_(m).mul_(p); _sum(b, st[0])
+    a.sub_(m); torch.mul(a, q, out=b); _sum(b, st[1])
+
+def _jsd_grad(B, c, st, sp, g):
+    "scale·(1−β)·q ⊙ (ln q/m − KL(q‖m)) = scale·(1−β)·ln 2·q ⊙ (log₂ q/m − Q)."
+    a, b, q = B[:3]
+    a.sub_(st[1])
+    _write(g, b, lambda G: (torch.mul(a, q, out=G), G.mul_(sp.scale * (1 - sp.beta) * _LN2)))
+
+# %% ../nbs/00_kd_loss.ipynb #2c29638c
+def _skew_fkl_value(B, c, st, sp):
+    "KL(p‖m), m = s·p + (1−s)·q: P = Σ p log₂ p/m into `st`; leaves w = p/m in B[0]."
+    _normalise(B, c); a, b, q, p, m = B[:5]
+    torch.mul(p, sp.skew, out=m); m.add_(q, alpha=1 - sp.skew)
+    torch.div(p, m, out=a)
+    b.sub_(m.log2_()).mul_(p); _sum(b, st[0])
+
+def _skew_fkl_grad(B, c, st, sp, g):
+    "scale·(1−s)·q ⊙ (Σ q w − w)."
+    a, b, q = B[:3]
+    torch.mul(q, a, out=b); _sum(b, c[2]); a.sub_(c[2])
+    _write(g, b, lambda G: (torch.mul(a, q, out=G), G.mul_(-sp.scale * (1 - sp.skew))))
+
+def _skew_rkl_value(B, c, st, sp):
+    "KL(q‖m), m = (1−s)·p + s·q: Q = Σ q log₂ q/m into `st`; leaves log₂ q/m in B[0], v = q/m in B[3]."
+    _normalise(B, c); a, b, q, p, m = B[:5]
+    torch.mul(p, 1 - sp.skew, out=m); m.add_(q, alpha=sp.skew)
+    torch.div(q, m, out=p)
+    a.sub_(m.log2_()); torch.mul(a, q, out=b); _sum(b, st[0])
+
+def _skew_rkl_grad(B, c, st, sp, g):
+    "scale·q ⊙ (γ − Σ q γ), γ = ln q/m − s·v (= a − D − s·(v − Σ q v))."
+    a, b, q, v = B[:4]
+    a.mul_(_LN2).sub_(v, alpha=sp.skew)
+    torch.mul(a, q, out=b); _sum(b, c[2]); a.sub_(c[2])
+    _write(g, b, lambda G: (torch.mul(a, q, out=G), G.mul_(sp.scale)))
+
+# %% ../nbs/00_kd_loss.ipynb #7ca1dec0
+class _Kernel(NamedTuple):
+    "One divergence's block kernel: row sums, gradient, and the rows from the sums."
+    value: object              # (B, c, st, spec): row sums of a block into `st`
+    grad: object               # (B, c, st, spec, g): scale·∂D/∂u into `g`, after `value`
+    rows: object               # (spec, *row sums in float64) -> D per row
+    buffers: int               # [rows, V] scratch buffers it needs
+
+_KERNELS = {
+    "forward_kl": _Kernel(_kl_value, _kl_grad, _kl_rows, 3),
+    "soft_ce": _Kernel(partial(_kl_value, soft=True), _kl_grad, _soft_ce_rows, 3),
+    "reverse_kl": _Kernel(_reverse_kl_value, _reverse_kl_grad, _reverse_kl_rows, 3),
+    "jsd": _Kernel(_jsd_value, _jsd_grad, lambda sp, P, Q, _: _LN2 * (sp.beta * P + (1 - sp.beta) * Q), 5),
+    "skew_forward_kl": _Kernel(_skew_fkl_value, _skew_fkl_grad, lambda sp, P, *_: _LN2 * P, 5),
+    "skew_reverse_kl": _Kernel(_skew_rkl_value, _skew_rkl_grad, lambda sp, Q, *_: _LN2 * Q, 5),
+}
+
+# %% ../nbs/00_kd_loss.ipynb #5a482dcb
+_BLOCK = 3 << 17            # CPU: entries per scratch buffer when chunk_size is None (1.5 MiB of fp32)
+
+def _auto_chunk(V):
+    "Rows per block off CPU (and `kdlit.cache`'s row blocks): about 2**20 entries (4 MiB of fp32)."
+    return max(1, min(4096, (1 << 20) // max(V, 1)))
+
+def _auto_rows(V, device):
+    "Rows per block for `chunk_size=None`: cache-sized on CPU, `_auto_chunk` elsewhere."
+    return max(1, _BLOCK // max(V, 1)) if torch.device(device).type == "cpu" else _auto_chunk(V)
+
+class _CE(NamedTuple):
+    "The hard-label cross-entropy a fused sweep adds: logits `S` [n, V_S] whose first V columns are the job's `s`."
+    S: torch.Tensor
+    y: torch.Tensor            # [n] labels
+    scale: float               # adds scale·(softmax(S) − onehot(y)) to the gradient in S; 0: value only
+
+class _Job(NamedTuple):
+    "One sweep over rows of 2-D logits: position i reads student row `s_idx[i]` and teacher row `t_idx[i]`."
+    s: torch.Tensor                     # [n_s, V] student logits
+    t: torch.Tensor                     # [n_t, V] teacher logits
+    spec: _Spec
+    rows: int                           # rows per block: at most this many are processed at once
+    s_idx: torch.Tensor|None = None     # student rows (None: all, in order)
+    t_idx: torch.Tensor|None = None     # teacher rows (None: as `s_idx`)
+    grad: torch.Tensor|None = None      # [n_s, V] gets spec.scale·∂D/∂(s/T) on the rows read; may be `s` itself
+    ce: _CE|None = None
+    @property
+    def n(self): return next((len(i) for i in (self.s_idx, self.t_idx) if i is not None), self.s.shape[0])
+    @property
+    def t_rows(self): return self.s_idx if self.t_idx is None else self.t_idx
+
+# %% ../nbs/00_kd_loss.ipynb #a9b85475
+def _runs(job):
+    """[(position, student row, teacher row, length)]: blocks of ≤ `job.rows` positions whose rows are consecutive
+    on both sides; None when the rows are too fragmented (runs of under 4 rows on average): then blocks gather."""
+    n, brk = job.n, set()
+    for r in (job.s_idx, job.t_rows):
+        if r is not None and n > 1: brk.update(((r[1:] - r[:-1]) != 1).nonzero()[:, 0].add_(1).tolist())
+    if len(brk) * 4 > n: return None
+    starts = [0] + sorted(brk) if n else []
+    first = lambda r: starts if r is None else r[starts].tolist()
+    return [(p, s0 + p - p0, t0 + p - p0, min(job.rows, p1 - p))
+            for p0, p1, s0, t0 in zip(starts, starts[1:] + [n], first(job.s_idx), first(job.t_rows))
+            for p in range(p0, p1, job.rows)]
+
+def _side(x, idx, p, r0, m):
+    "Rows of `x` for positions p…p+m: a view from row r0, or gathered by `idx`."
+    if r0 is not None: return x[r0:r0 + m]
+    return x[p:p + m] if idx is None else x.index_select(0, idx[p:p + m])
+
+def _redo(sp, sb, tb, bad, grad):
+    "D of rows `bad` of a block by the reference, and with `grad` their gradient spec.scale·∂D/∂(s/T) by autograd."
+    x = sb[bad].to(torch.promote_types(sb.dtype, torch.float32)).requires_grad_(grad)
+    with torch.enable_grad():
+        D = _divergence_rows(_logprobs(x, sp.T), _logprobs(tb[bad], sp.T), sp.divergence, sp.beta, sp.skew)
+        g = torch.autograd.grad(D.sum(), x)[0] if grad and D.requires_grad else torch.zeros_like(x)
+    return D.detach(), g * (sp.T * sp.scale)
+
+# %% ../nbs/00_kd_loss.ipynb #d8b36dff
+def _ce_value(ce, p, m, E, cst):
+    "CE sums of positions p…p+m, before the KD gradient overwrites the logits: row max, Σ e^(S − max), S_y."
+    S, mx, Z, Sy = ce.S[p:p + m], *cst[:, p:p + m]
+    _shift(S, E, mx, _LOG2E); E.exp2_(); _sum(E, Z); Sy.copy_(S.gather(1, ce.y[p:p + m, None]))
+
+def _ce_grad(ce, p, m, V, E, cst, col):
+    "S's columns past the KD vocab V get no KD gradient; add ce.scale·(softmax(S) − onehot(y))."
+    S = ce.S[p:p + m]
+    if V < S.shape[1]: S[:, V:] = 0
+    if ce.scale:
+        torch.div(cst[1, p:p + m], ce.scale, out=col); S.addcdiv_(E, col)
+        S.scatter_add_(1, ce.y[p:p + m, None], torch.full((m, 1), -ce.scale, dtype=S.dtype, device=S.device))
+
+# %% ../nbs/00_kd_loss.ipynb #75f5be87
+def _sweep(job, pieces, st, cst, fixed):
+    "One thread's share of a sweep: row sums into `st`, CE sums into `cst`, reference values of redone rows into `fixed`."
+    sp, k, V, kern = job.spec, job.rows, job.s.shape[1], _KERNELS[job.spec.divergence]
+    new = lambda cols: torch.empty(k, cols, dtype=st.dtype, device=st.device)
+    B, c = [new(V) for _ in range(kern.buffers)], [new(1) for _ in range(3)]
+    gbuf = new(V).to(job.grad.dtype) if job.grad is not None and pieces and pieces[0][1] is None and job.s_idx is not None else None
+    E = new(job.ce.S.shape[1]) if job.ce is not None else None
+    with torch.no_grad():
+        for p, s0, t0, m in pieces:
+            sb, tb = _side(job.s, job.s_idx, p, s0, m), _side(job.t, job.t_rows, p, t0, m)
+            gb = None if job.grad is None else (gbuf[:m] if gbuf is not None else _side(job.grad, None, p, s0, m))
+            Bm, cm, stm = [x[:m] for x in B], [x[:m] for x in c], st[:, p:p + m]
+            if job.ce is not None: _ce_value(job.ce, p, m, E[:m], cst)
+            _shift(sb, Bm[0], cm[0], _LOG2E / sp.T); _shift(tb, Bm[1], cm[1], _LOG2E / sp.T)
+            kern.value(Bm, cm, stm, sp)
+            redo = None
+            if not math.isfinite(stm.sum().item()):   # −inf logits: the reference, while the logits are intact
+                bad = (~torch.isfinite(stm)).any(0)[:, 0].nonzero()[:, 0]
+                redo = (bad, *_redo(sp, sb, tb, bad, gb is not None)); fixed.append((bad + p, redo[1]))
+            if gb is not None:
+                kern.grad(Bm, cm, stm, sp, gb)
+                if redo is not None: gb[redo[0]] = redo[2].to(gb.dtype)
+                if gbuf is not None: job.grad.index_copy_(0, job.s_idx[p:p + m], gb)
+            if job.ce is not None: _ce_grad(job.ce, p, m, V, E[:m], cst, cm[2])
+
+# %% ../nbs/00_kd_loss.ipynb #7cc083ee
+def _find_omp():
+    "`omp_set_num_threads` of the OpenMP runtime torch runs on (found in this process's mappings, Linux), or None."
+    try:
+        with open("/proc/self/maps") as f: lib = next(l.split()[-1] for l in f if any(k in l for k in ("libgomp", "libiomp", "libomp")))
+        return ctypes.CDLL(lib).omp_set_num_threads
+    except (OSError, StopIteration, AttributeError): return None
+
+_OMP = _find_omp()
+_POOLS, _POOLS_LOCK = {}, threading.Lock()
+
+def _forget_pools():
+    "In a forked child the parent's pool threads do not exist: start afresh."
+    global _POOLS, _POOLS_LOCK
+    _POOLS, _POOLS_LOCK = {}, threading.Lock()
+if hasattr(os, "register_at_fork"): os.register_at_fork(after_in_child=_forget_pools)
+
+def _one_thread():
+    "A pool thread's start: torch's per-thread setup first (it would undo what follows), then OpenMP on one thread, for this thread only."
+    torch.get_num_threads(); _OMP(1)
+
+def _pool(workers):
+    "The sweep threads (created once per size, kept for the process's life)."
+    with _POOLS_LOCK:
+        if workers not in _POOLS: _POOLS[workers] = ThreadPoolExecutor(workers, "kdlit-loss", _one_thread)
+        return _POOLS[workers]
+
+def _workers(device, blocks):
+    "Threads for a sweep: the caller's torch thread count on CPU (at most one per block); 1 without per-thread OpenMP control."
+    if torch.device(device).type != "cpu" or _OMP is None: return 1
+    return max(1, min(torch.get_num_threads(), blocks))
+
+# %% ../nbs/00_kd_loss.ipynb #2e7ce1ec
+def _kd_blocks(job):
+    "(Σ D, Σ CE or None) over the job's positions, in float64; writes the gradients the job asks for (see `_Job`)."
+    n, dev = job.n, job.s.device
+    cdt = torch.promote_types(torch.promote_types(job.s.dtype, job.t.dtype), torch.float32)
+    pieces = _runs(job)
+    if pieces is None: pieces = [(p, None, None, min(job.rows, n - p)) for p in range(0, n, job.rows)]
+    st = torch.zeros(3, n, 1, dtype=cdt, device=dev)      # zeros: a kernel may fill fewer than three sums
+    cst = torch.empty(3, n, 1, dtype=torch.float32, device=dev) if job.ce is not None else None
+    fixed, workers = [], _workers(dev, len(pieces))
+    if workers == 1: _sweep(job, pieces, st, cst, fixed)
+    else:
+        cut = [len(pieces) * w // workers for w in range(workers + 1)]
+        list(_pool(workers).map(lambda w: _sweep(job, pieces[cut[w]:cut[w + 1]], st, cst, fixed), range(workers)))
+    D = _KERNELS[job.spec.divergence].rows(job.spec, *st.double()[..., 0])
+    for pos, d in fixed: D[pos] = d.double()
+    if job.ce is None: return D.sum(), None
+    mx, Z, Sy = cst.double()[..., 0]
+    return D.sum(), (mx + Z.log() - Sy).sum()
+
+# %% ../nbs/00_kd_loss.ipynb #27a9c7d8
 def _new_mapping(n, device="cpu"):
     "A fresh anonymous mapping of `n` bytes advised `MADV_HUGEPAGE`, for CPU buffers of 32 MiB or more; else None."
     if torch.device(device).type != "cpu" or n < 32 << 20 or not hasattr(mmap, "MADV_HUGEPAGE"): return None
@@ -167,174 +348,86 @@ def _new_mapping(n, device="cpu"):
         return m
     except (OSError, ValueError, AttributeError): return None
 
-REUSE_BUFFERS = True        # keep a freed gradient buffer for the next call (see "The gradient buffer" below)
-_POOL, _POOL_LOCK = [], threading.Lock()
+def _on_mapping(m, shape, dtype, release=None):
+    "A tensor on mapping `m`; `release(m)` runs once no tensor uses that memory any more."
+    lease = (ctypes.c_char * len(m)).from_buffer(m)      # kept alive by the tensor's storage, and only by it
+    if release is not None: weakref.finalize(lease, release, m)
+    return torch.frombuffer(lease, dtype=dtype, count=math.prod(shape)).view(shape)
 
-def _idle():
-    "Indices of pooled mappings that no tensor uses: only the pool's list and getrefcount's argument refer to them."
-    return [i for i in range(len(_POOL)) if sys.getrefcount(_POOL[i]) == 2]
+def _empty_big(shape, dtype=torch.float32, device="cpu", zero=False):
+    "`torch.empty` (`torch.zeros` with `zero`), on a fresh huge-page mapping (zero-filled) for CPU buffers of 32 MiB or more."
+    m = _new_mapping(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), device)
+    if m is not None: return _on_mapping(m, shape, dtype)
+    return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+
+# %% ../nbs/00_kd_loss.ipynb #7b20f38d
+REUSE_BUFFERS = True        # keep a freed gradient buffer for the next call (see "The gradient buffer")
+_POOL, _POOL_LOCK = [], threading.RLock()    # idle mappings, newest last
+
+def _release(m):
+    "Finalizer of a gradient's lease: its mapping is idle; keep it (at most two) while REUSE_BUFFERS."
+    with _POOL_LOCK:
+        if REUSE_BUFFERS: _POOL.append(m); del _POOL[:-2]
 
 def _grad_buffer(shape, dtype, device):
-    "Uninitialised memory for a gradient: a pooled mapping no tensor uses any more, else a fresh one (then pooled)."
+    "Uninitialised memory for a gradient: an idle pooled mapping, else a fresh one, pooled again once no tensor uses it."
     n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     with _POOL_LOCK:
-        free = [i for i in _idle() if len(_POOL[i]) >= n] if REUSE_BUFFERS else []
-        if free: m = _POOL[free[0]]
-        else:
-            m = _new_mapping(n, device)
-            if m is None: return torch.empty(shape, dtype=dtype, device=device)
-            if REUSE_BUFFERS:                # keep at most two: the new one and the newest one still in use
-                idle = set(_idle())
-                _POOL[:] = [p for i, p in enumerate(_POOL) if i not in idle][-1:] + [m]
-    return torch.frombuffer(m, dtype=dtype, count=math.prod(shape)).view(shape)
+        i = next((i for i, m in enumerate(_POOL) if len(m) >= n), None)
+        m = _POOL.pop(i) if i is not None else None
+    if m is None: m = _new_mapping(n, device)
+    if m is None: return torch.empty(shape, dtype=dtype, device=device)
+    return _on_mapping(m, shape, dtype, _release)
 
 def release_buffers():
-    "Drop kdlit's pooled gradient buffers (their memory returns to the system once no tensor uses it)."
+    "Drop kdlit's idle pooled gradient buffers (their memory returns to the system)."
     with _POOL_LOCK: _POOL.clear()
 
 def pooled_bytes() -> int:
     "Bytes of pooled gradient buffers that no tensor uses: memory kdlit holds between calls."
-    with _POOL_LOCK: return sum(len(_POOL[i]) for i in _idle())
+    with _POOL_LOCK: return sum(len(m) for m in _POOL)
 
-def _auto_chunk(V):
-    "Rows per chunk: about 2**20 entries (4 MiB of fp32) per scratch buffer."
-    return max(1, min(4096, (1 << 20) // max(V, 1)))
-
-_LEAN = {}                  # divergence -> block kernel writing row sums instead of rows (filled in "Faster kernels")
-_BLOCK = 3 << 17            # CPU: entries per block for the fast kernels (1.5 MiB of fp32 per scratch buffer)
-
-def _pieces(n, idx, b):
-    """[(position, row, length)]: blocks of ≤ b consecutive rows covering positions 0…n−1 (rows `idx[position]`, or
-    the position itself when `idx` is None); None when `idx` is too fragmented for that (runs shorter than 4 rows)."""
-    if idx is None: return [(p, p, min(b, n - p)) for p in range(0, n, b)]
-    if n == 0: return []
-    brk = ((idx[1:] - idx[:-1]) != 1).nonzero()[:, 0].add_(1).tolist()
-    starts, ends = [0] + brk, brk + [n]
-    if len(starts) * 4 > n: return None
-    out = []
-    for p0, p1, r0 in zip(starts, ends, idx[starts].tolist()):
-        out += [(p, r0 + p - p0, min(b, p1 - p)) for p in range(p0, p1, b)]
-    return out
-
-class _Workspace:
-    "Scratch buffers per worker thread and the thread pool of `_kd_sum`, kept across calls (`fused_kd_loss` makes one per call)."
-    def __init__(self): self.bufs, self.ex, self.workers = {}, None, 0
-    def buf(self, w, name, shape, dtype, device):
-        x = self.bufs.get((w, name))
-        if x is None or x.shape != shape or x.dtype != dtype or x.device != device:
-            x = self.bufs[w, name] = torch.empty(shape, dtype=dtype, device=device)
-        return x
-    def map(self, f, workers):
-        if self.ex is None or self.workers != workers:
-            self.close(); self.ex, self.workers = ThreadPoolExecutor(workers), workers
-        return list(self.ex.map(f, range(workers)))
-    def close(self):
-        if self.ex is not None: self.ex.shutdown(); self.ex = None
-
-def _kd_sum(s, t, idx, T, divergence, beta, skew, k, scale=None, grad=None, ce=None, ws=None, t_idx=None):
-    """Σ over rows `idx` (all when None) of D, in blocks of ≤ k rows; writes scale·∂D/∂(s/T) of those rows into
-    `grad` (which may be `s` itself: every block is read before its gradient is written).
-    `ce=(S, y, lm_scale)` (no `idx`; `s` and `grad` are `S[:, :vs]`): also the hard-label cross-entropy of the
-    full-width logits `S`; S's columns past vs are zeroed and lm_scale·(softmax(S) − onehot(y)) is added to `S`
-    (nothing when lm_scale is 0). Returns (Σ D, Σ CE). `ws`: a `_Workspace` to reuse (else one for this call).
-    `t_idx` (no `idx`): row i of `s` goes with row `t_idx[i]` of `t` (the teacher's rows are not gathered)."""
-    n, V, dev, f32 = (s.shape[0] if idx is None else idx.numel()), s.shape[1], s.device, torch.float32
-    tix = t_idx if t_idx is not None else idx            # the runs are those of the teacher's rows
-    lean = _LEAN.get(divergence) if torch.float64 not in (s.dtype, t.dtype) else None
-    b = max(1, min(k, _BLOCK // V)) if dev.type == "cpu" else max(1, k)
-    pieces = _pieces(n, tix, b)
-    gather = pieces is None
-    if gather: pieces = [(p, None, min(b, n - p)) for p in range(0, n, b)]
-    stats = torch.empty(3, n, 1, dtype=f32, device=dev) if lean else None         # per-row sums of the lean kernels
-    rows = None if lean else torch.empty(n, dtype=torch.promote_types(s.dtype, f32), device=dev)
-    cstats = torch.empty(3, n, 1, dtype=f32, device=dev) if ce is not None else None  # CE: row max, Z, S_y
-    aliased = grad is not None and grad.data_ptr() == s.data_ptr()
-    saved, kernel = [], _KERNELS[divergence]
-    own = ws is None
-    if own: ws = _Workspace()
-    def work(w, lo, hi):                     # one thread: its pieces, its own scratch
-        B = lambda name, shape, dtype=f32: ws.buf(w, name, shape, dtype, dev)
-        bufs = [B(f"b{j}", (b, V)) for j in range(4)] if s.dtype != torch.float64 else None
-        cols = [B(f"c{j}", (b, 1)) for j in range(4)]
-        obuf = B("o", (b, V), grad.dtype) if gather and t_idx is None and grad is not None else None
-        if ce is not None:
-            S, y, lms = ce
-            E, rz = B("E", (b, S.shape[1])), B("rz", (b, 1))
-            neg = torch.full((b, 1), -lms, dtype=S.dtype, device=dev)   # the one-hot part of the CE gradient
-        with torch.no_grad():
-            for p, r, m in pieces[lo:hi]:
-                ii = None if r is None else slice(r, r + m)          # teacher rows
-                if r is None: ii = tix[p:p + m]
-                q = slice(p, p + m) if t_idx is not None else ii     # student rows
-                tb = t[ii] if r is not None else t.index_select(0, ii)
-                if r is None and t_idx is None: sb, gb = s.index_select(0, ii), (None if obuf is None else obuf[:m])
-                else: sb, gb = s[q], (None if grad is None else grad[q])
-                if ce is not None:           # CE first: it reads the logits before the KD gradient overwrites them
-                    Sb, yb, (cm, Zc, Sy), Eb = S[q], y[q, None], cstats[:, p:p + m], E[:m]
-                    torch.amax(Sb, -1, keepdim=True, out=cm) if Sb.dtype == f32 else cm.copy_(Sb.amax(-1, keepdim=True))
-                    torch.sub(Sb, cm, out=Eb); Eb.mul_(_LOG2E).exp2_()
-                    torch.sum(Eb, -1, keepdim=True, out=Zc); Sy.copy_(Sb.gather(1, yb))
-                if lean:
-                    keep = lean(sb, tb, gb, T, scale, bufs, cols, stats[:, p:p + m], aliased)
-                    if keep is not None: saved.append((keep[0] + p, keep[1]))
-                else: rows[p:p + m] = kernel(sb, tb, T, scale, gb, scratch=bufs, beta=beta, skew=skew)
-                if r is None and t_idx is None and grad is not None: grad.index_copy_(0, ii, gb)
-                if ce is not None:           # S's columns past the KD vocab get no KD gradient
-                    if V < Sb.shape[1]: Sb[:, V:] = 0
-                    if lms:                  # + lm_scale·(softmax(S) − onehot(y))
-                        torch.div(Zc, lms, out=rz[:m]); Sb.addcdiv_(Eb, rz[:m]); Sb.scatter_add_(1, yb, neg[:m])
-    workers = min(torch.get_num_threads(), len(pieces)) if dev.type == "cpu" else 1
-    try:
-        if workers <= 1: work(0, 0, len(pieces))
-        else:   # CPU: whole pieces per thread, each op single-threaded: no barrier per small op
-            cuts = [len(pieces) * w // workers for w in range(workers + 1)]
-            nt = torch.get_num_threads(); torch.set_num_threads(1)
-            try: ws.map(lambda w: work(w, cuts[w], cuts[w + 1]), workers)
-            finally: torch.set_num_threads(nt)
-    finally:
-        if own: ws.close()
-    if lean:
-        D = lean.rows(*stats.double()[..., 0])
-        bad = (~torch.isfinite(D)).nonzero()[:, 0]
-        if len(bad):   # rows the block formulas cannot value (−inf logits: 0·∞): the exact kernel redoes their value;
-            pos = bad if idx is None else idx[bad]   # their gradient, q − p, is already right
-            sb, tpos = s[pos], (pos if t_idx is None else t_idx[bad])
-            for q, orig in saved:            # logits overwritten by their gradient: the copies kept before the write
-                hit = (bad[:, None] == q[None, :]).nonzero()
-                sb[hit[:, 0]] = orig[hit[:, 1]]
-            D[bad] = _EXACT[divergence](sb, t[tpos], T, beta=beta, skew=skew).double()
-        total = D.sum().to(torch.promote_types(s.dtype, f32))
-    else: total = rows.sum()
-    if ce is None: return total
-    cm, Zc, Sy = cstats.double()[..., 0]
-    return total, (cm + _LN2 * Zc.log2() - Sy).sum()
-
+# %% ../nbs/00_kd_loss.ipynb #c7085742
 def _zero_rest(g, idx, vs):
     "Zero what the kernels do not write: rows outside `idx` and columns past `vs`."
     if vs < g.shape[1]: g[:, vs:] = 0
     if idx is not None and idx.numel() < g.shape[0]:
         rest = torch.ones(g.shape[0], dtype=torch.bool, device=g.device); rest[idx] = False
-        g.index_fill_(0, rest.nonzero()[:, 0], 0)   # those rows only (g[rest] = 0 sweeps all of g: 60 ms at 384 MiB)
+        g.index_fill_(0, rest.nonzero()[:, 0], 0)   # those rows only (g[rest] = 0 would sweep all of g)
 
-class _ChunkedKD(torch.autograd.Function):
-    "T²·ΣD/denom over rows `idx` of 2-D student/teacher logits, chunk by chunk, with analytic gradients."
+class _LossArgs(NamedTuple):
+    "`kd_loss`'s settings, as `_KDLoss` needs them."
+    spec: _Spec
+    vocab: int                 # the shared vocab size: columns past it get no gradient
+    denom: float               # the divisor (valid positions, or num_items)
+    rows: int                  # rows per block
+    inplace: bool              # the gradient goes over the student logits
+
+def _kd_sweep(s, t, idx, a, scale, grad):
+    "Σ D over rows `idx` of the logits; writes scale·∂D/∂(s/T) into `grad` (when given) and zeros where no row is."
+    vs = a.vocab
+    job = _Job(s[:, :vs], t[:, :vs], a.spec._replace(scale=scale), a.rows, idx, grad=None if grad is None else grad[:, :vs])
+    total = _kd_blocks(job)[0]
+    if grad is not None: _zero_rest(grad, idx, vs)
+    return total.to(torch.promote_types(s.dtype, torch.float32))
+
+# %% ../nbs/00_kd_loss.ipynb #00f71e83
+class _KDLoss(torch.autograd.Function):
+    "T²·ΣD/denom over rows `idx` of 2-D logits, block by block, with the closed-form gradient."
     @staticmethod
-    def forward(ctx, s, t, idx, T, divergence, beta, skew, vs, denom, k, inplace=False):
-        ctx.eager = ctx.needs_input_grad[0] and s.dtype != torch.float16
-        ctx.inplace = inplace                # the gradient goes over `s` (see "The in-place gradient")
-        grad = None
-        if ctx.eager: grad = s if inplace else _grad_buffer(s.shape, s.dtype, s.device)
-        total = _kd_sum(s[:, :vs], t[:, :vs], idx, T, divergence, beta, skew, k,
-                        T / denom if ctx.eager else None, None if grad is None else grad[:, :vs])
-        if grad is not None: _zero_rest(grad, idx, vs)
-        ctx.grad, ctx.args = grad, (T, divergence, beta, skew, vs, denom, k)
+    def forward(ctx, s, t, idx, a):
+        T = a.spec.T
+        ctx.eager = ctx.needs_input_grad[0] and s.dtype != torch.float16   # fp16: the gradient waits for the scale
+        grad = (s if a.inplace else _grad_buffer(s.shape, s.dtype, s.device)) if ctx.eager else None
+        total = _kd_sweep(s, t, idx, a, T / a.denom, grad)
+        ctx.grad, ctx.a = grad, a
         if ctx.needs_input_grad[0] and not ctx.eager: ctx.save_for_backward(s, t, idx)
-        return total * (T * T / denom)
+        return total * (T * T / a.denom)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        T, divergence, beta, skew, vs, denom, k = ctx.args
+        a = ctx.a
         if ctx.eager:
             grad, ctx.grad = ctx.grad, None
             if grad is None: raise RuntimeError("kd_loss: the chunked path hands its gradient over once; "
@@ -342,10 +435,9 @@ class _ChunkedKD(torch.autograd.Function):
             if g.item() != 1: grad.mul_(g)
         else:                                # fp16: recompute with the incoming (GradScaler) scale folded in
             s, t, idx = ctx.saved_tensors
-            grad = s if ctx.inplace else _grad_buffer(s.shape, s.dtype, s.device)
-            _kd_sum(s[:, :vs], t[:, :vs], idx, T, divergence, beta, skew, k, T / denom * g.item(), grad[:, :vs])
-            _zero_rest(grad, idx, vs)
-        return grad, None, None, None, None, None, None, None, None, None, None
+            grad = s if a.inplace else _grad_buffer(s.shape, s.dtype, s.device)
+            _kd_sweep(s, t, idx, a, a.spec.T / a.denom * g.item(), grad)
+        return grad, None, None, None
 
 # %% ../nbs/00_kd_loss.ipynb #55ab2228
 def _number(name, x, lo=-math.inf, hi=math.inf, lo_open=False):
@@ -392,7 +484,7 @@ def kd_loss(student_logits:torch.Tensor, # student logits `[..., V]`, any float 
             ignore_index:int=-100, # label value of positions to leave out
             num_items:int|float|None=None, # divisor instead of the number of valid positions (gradient accumulation)
             vocab_size:int|None=None, # shared vocab size to slice both sides to, when they differ
-            chunk_size:int|None=None, # rows per chunk; None: automatic; 0: plain autograd reference
+            chunk_size:int|None=None, # rows per block: at most this many are processed at once; None: automatic (cache-sized on CPU); 0: plain autograd reference
             inplace_backward:bool=False, # the gradient is written over `student_logits` during this call (no [N, V] buffer); read them before, not after
            )->torch.Tensor: # 0-dim fp32 tensor: T² · Σ_valid D(p_T, q_T) / n
     """Distillation loss T²·D(softmax(teacher/T), softmax(student/T)), averaged over valid positions.
@@ -434,7 +526,8 @@ def kd_loss(student_logits:torch.Tensor, # student logits `[..., V]`, any float 
     if inplace_backward:                     # only where the logits can be viewed as rows; else the normal path
         try: s = student_logits.view(-1, Vs)
         except RuntimeError: inplace_backward = False
-    return _ChunkedKD.apply(s, t, idx, T, divergence, beta, skew, vs, denom, chunk_size or _auto_chunk(vs), bool(inplace_backward))
+    args = _LossArgs(_spec(divergence, T, beta, skew), vs, denom, chunk_size or _auto_rows(vs, s.device), bool(inplace_backward))
+    return _KDLoss.apply(s, t, idx, args)
 
 # %% ../nbs/00_kd_loss.ipynb #3cc98309
 def lm_loss(logits:torch.Tensor, # student logits `[..., V]`
@@ -462,206 +555,68 @@ def lm_loss(logits:torch.Tensor, # student logits `[..., V]`
         raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}, got values in [{y.min().item()}, {y.max().item()}]")
     return F.cross_entropy(x.to(torch.promote_types(x.dtype, torch.float32)), y, reduction="sum") / denom
 
-# %% ../nbs/00_kd_loss.ipynb #2ef1daa7
-_LOG2E, _LN2 = 1.4426950408889634, 0.6931471805599453
-
-def _shift2(x, c, out):
-    "out = (x − rowmax x)·c in fp32, one pass over `x`; returns the row max (float64 [k])."
-    m = x.amax(-1, keepdim=True).to(out.dtype)
-    torch.add(m * -c, x, alpha=c, out=out)
-    return m[:, 0].double()
-
-def _dot(a, b): return torch.linalg.vecdot(a, b).double()   # row-wise, summed by torch in fp32
-def _col(x): return x.to(torch.float32)[:, None]
-
-def _fast_rows(s, t, div, T, beta, skew, bufs, g=None, scale=1.0, pre=None):
-    """Per-row D(p_T‖q_T) (float64 [k]) of chunk `s`, `t` [k, V] in base-2 units; writes scale·∂D/∂(s/T) into `g`
-    unless it is None. Reads `s` completely before writing `g` (they may alias); `pre(D)` is called in between.
-    Non-finite rows are the caller's job."""
-    B1, B2, B3, B4 = (b[:s.shape[0]] for b in bufs)
-    if div == "jsd" and beta in (0, 1): div = "forward_kl" if beta == 0 else "reverse_kl"
-    c = _LOG2E / T
-    _shift2(s, c, B1); _shift2(t, c, B2)                       # a, b
-    torch.exp2(B1, out=B3); Za = B3.sum(-1).double(); lZa = Za.log2()
-    G = g if g is not None and g.dtype == torch.float32 else B4
-    if div in ("forward_kl", "soft_ce"):
-        if div == "forward_kl": torch.sub(B2, B1, out=B1)      # b − a
-        torch.exp2(B2, out=B2); Zb = B2.sum(-1).double(); lZb = Zb.log2()
-        x = _dot(B2, B1) / Zb                                  # Σ p (b − a), or Σ p a
-        D = _LN2 * (x + lZa - lZb) if div == "forward_kl" else _LN2 * (lZa - x)
-        if pre is not None: pre(D)
-        if g is not None: torch.mul(B3, _col(scale / Za), out=G); G.addcmul_(B2, _col(-scale / Zb))   # q − p
-    elif div == "reverse_kl":
-        torch.sub(B1, B2, out=B1)                              # a − b
-        torch.exp2(B2, out=B2); lZb = B2.sum(-1).double().log2()
-        cr = _dot(B3, B1) / Za                                 # Σ q (a − b)
-        D = _LN2 * (cr + lZb - lZa)
-        if pre is not None: pre(D)
-        if g is not None:                                      # q ⊙ (ln q − ln p − D)
-            B1.sub_(_col(cr)); torch.mul(B3, B1, out=G); G.mul_(_col(_LN2 * scale / Za))
-    else:                                                      # jsd, skew_forward_kl, skew_reverse_kl: need log m
-        Sqq = _dot(B3, B1) / Za - lZa                          # Σ q log2 q
-        torch.exp2(B2, out=B4); Zb = B4.sum(-1).double(); lZb = Zb.log2()
-        Spp = _dot(B4, B2) / Zb - lZb                          # Σ p log2 p
-        B3.mul_(_col(1 / Za)); B4.mul_(_col(1 / Zb))           # q, p
-        if div == "skew_reverse_kl": torch.mul(B3, skew, out=B2); B2.add_(B4, alpha=1 - skew)   # m = (1−s)p + s q
-        else:
-            w = beta if div == "jsd" else skew
-            torch.mul(B4, w, out=B2); B2.add_(B3, alpha=1 - w)                                   # m = w p + (1−w) q
-        if div == "jsd":
-            torch.log2(B2, out=B2)
-            KLqm = Sqq - _dot(B3, B2)
-            D = _LN2 * (beta * (Spp - _dot(B4, B2)) + (1 - beta) * KLqm)
-            if pre is not None: pre(D)
-            if g is not None:                                  # (1−β) q ⊙ (ln q − ln m − KL(q‖m))
-                torch.sub(B1, B2, out=B1); B1.sub_(_col(lZa + KLqm))
-                G = g if G is g else B2
-                torch.mul(B3, B1, out=G); G.mul_((1 - beta) * _LN2 * scale)
-        elif div == "skew_forward_kl":
-            torch.div(B4, B2, out=B1)                          # r = p / m
-            torch.log2(B2, out=B2)
-            D = _LN2 * (Spp - _dot(B4, B2))
-            if pre is not None: pre(D)
-            if g is not None:                                  # −(1−s) q ⊙ (r − Σ q r)
-                B1.sub_(_col(_dot(B3, B1)))
-                G = g if G is g else B2
-                torch.mul(B3, B1, out=G); G.mul_(-(1 - skew) * scale)
-        else:
-            if g is not None: torch.div(B3, B2, out=B4)        # q / m
-            torch.log2(B2, out=B2)
-            D = _LN2 * (Sqq - _dot(B3, B2))
-            if pre is not None: pre(D)
-            if g is not None:                                  # q ⊙ (γ − Σ q γ), γ = ln q − ln m − s q/m
-                torch.sub(B1, B2, out=B1); B1.sub_(_col(lZa)); B1.mul_(_LN2); B1.sub_(B4, alpha=skew)
-                B1.sub_(_col(_dot(B3, B1)))
-                G = g if G is g else B2
-                torch.mul(B3, B1, out=G); G.mul_(scale)
-    if g is not None and G is not g: g.copy_(G)
-    return D
-
-# %% ../nbs/00_kd_loss.ipynb #c212f21a
-_ORIGINAL = dict(_KERNELS)                                   # fp64 inputs stay with these (fp64 throughout)
-_EXACT = dict(_KERNELS, forward_kl=_chunk_exact_forward_kl)
-
-def _fast_kernel(div, block=1 << 19):
-    "A chunk kernel `(s, t, T, scale, out, scratch, beta, skew) -> rows` for `div`, on `_fast_rows`."
-    def one(s, t, T, scale, out, scratch, beta, skew):        # one cache-sized block of rows
-        saved = {}
-        def pre(D):                                            # before the write: keep rows to redo
-            bad = (~torch.isfinite(D)).nonzero()[:, 0]
-            saved["bad"], saved["s"] = bad, (s[bad].clone() if len(bad) else None)
-        D = _fast_rows(s, t, div, T, beta, skew, scratch, out, 1.0 if scale is None else scale, pre)
-        bad, sb = saved["bad"], saved["s"]
-        if len(bad):
-            o = None if out is None else torch.empty(len(bad), s.shape[1], dtype=out.dtype, device=s.device)
-            D[bad] = _EXACT[div](sb, t[bad], T, scale, o, beta=beta, skew=skew).double()
-            if out is not None: out[bad] = o
-        return D
-    def kernel(s, t, T, scale=None, out=None, scratch=None, beta=0.5, skew=0.1, **kw):
-        if torch.float64 in (s.dtype, t.dtype): return _ORIGINAL[div](s, t, T, scale, out, scratch=None, beta=beta, skew=skew)
-        k, V = s.shape
-        b = max(1, min(k, block // V))                         # ~2 MiB per buffer: the working set stays in cache
-        if scratch is None or len(scratch) < 4 or scratch[0].shape[0] < b or scratch[0].shape[1] != V:
-            scratch = [torch.empty(b, V, dtype=torch.float32, device=s.device) for _ in range(4)]
-        D = torch.cat([one(s[i:i + b], t[i:i + b], T, scale, None if out is None else out[i:i + b], scratch, beta, skew)
-                       for i in range(0, k, b)])
-        return D.to(torch.promote_types(s.dtype, torch.float32))
-    kernel.__name__ = kernel.__qualname__ = f"_fast_{div}"
-    return kernel
-
-# %% ../nbs/00_kd_loss.ipynb #431ba8ef
-_KERNELS.update({d: _fast_kernel(d) for d in DIVERGENCES})
-
-# %% ../nbs/00_kd_loss.ipynb #b9760e10
-def _lean_kl(div):
-    "The block kernel of forward KL (or soft CE): row sums Z_a, Z_b, X into `stats`, scale·(q − p) into `g`."
-    def block(s, t, g, T, scale, bufs, cols, stats, check):
-        n, c = s.shape[0], _LOG2E / T
-        B1, B2, B3 = (x[:n] for x in bufs[:3])
-        ms, mt, ra, rb = (x[:n] for x in cols)
-        Za, Zb, X = stats
-        for x, mx in ((s, ms), (t, mt)):                       # row maxima, in fp32 whatever the input dtype
-            if x.dtype == torch.float32: torch.amax(x, -1, keepdim=True, out=mx)
-            else: mx.copy_(x.amax(-1, keepdim=True))
-        torch.sub(s, ms, out=B1); B1.mul_(c)                   # a = (s − max s)·log₂e/T: exactly 0 at the max
-        torch.sub(t, mt, out=B2); B2.mul_(c)                   # b   (one fused add(·, alpha=c) rounds the max off 0
-                                                               #      by up to ulp(c·max): 3e22 for logits of 1e30)
-        torch.exp2(B1, out=B3); torch.sum(B3, -1, keepdim=True, out=Za)
-        if div == "forward_kl": torch.sub(B2, B1, out=B1)      # b − a
-        B2.exp2_(); torch.sum(B2, -1, keepdim=True, out=Zb)
-        B1.mul_(B2); torch.sum(B1, -1, keepdim=True, out=X)    # Σ 2^b (b − a)   [soft CE: Σ 2^b a]
-        if g is None: return None
-        keep = None
-        if check and not math.isfinite(X.sum().item()):        # g overwrites s: keep the rows the exact kernel redoes
-            bad = (~torch.isfinite(X[:, 0])).nonzero()[:, 0]; keep = (bad, s[bad].clone())
-        torch.div(Za, 1.0 if scale is None else scale, out=ra); torch.div(Zb, 1.0 if scale is None else scale, out=rb)
-        G = g if g.dtype == torch.float32 else B1
-        torch.div(B3, ra, out=G); G.addcdiv_(B2, rb, value=-1)  # scale·(q − p)
-        if G is not g: g.copy_(G)
-        return keep
-    if div == "forward_kl": block.rows = lambda Za, Zb, X: _LN2 * (X / Zb + Za.log2() - Zb.log2())
-    else: block.rows = lambda Za, Zb, X: _LN2 * (Za.log2() - X / Zb)
-    block.__name__ = block.__qualname__ = f"_lean_{div}"
-    return block
-
-
-_LEAN.update(forward_kl=_lean_kl("forward_kl"), soft_ce=_lean_kl("soft_ce"))
-
-# %% ../nbs/00_kd_loss.ipynb #8ba114c2
+# %% ../nbs/00_kd_loss.ipynb #0ca32863
 FusedKDOutput = namedtuple("FusedKDOutput", "loss kd lm")
 FusedKDOutput.__doc__ = "`fused_kd_loss`'s result: `loss` (differentiable) = kd_weight·`kd` + lm_weight·`lm` (detached, for logs)."
-FUSED_CHUNK = 512           # fused_kd_loss's default rows per block (see "Block size" below)
+FUSED_CHUNK = 512           # fused_kd_loss's default rows per block of logits (see "Block size" above)
+
+class _FusedArgs(NamedTuple):
+    "`fused_kd_loss`'s settings, as `_FusedKD` needs them."
+    spec: _Spec                # the KD divergence (its scale is set per call)
+    kd_w: float
+    lm_w: float
+    denom: float
+    rows: int                  # rows per block of logits
+    vocab: int                 # the KD term's vocab size
 
 def _mm(a, b, out):
     "out = a @ b, computed in the operands' dtype."
     if a.dtype == b.dtype == out.dtype: return torch.mm(a, b, out=out)
     return out.copy_(a @ b.to(a.dtype))
 
+def _teacher_block(th, tW, tl, Tb, take, r, i, m, vs):
+    "(teacher logits of a block, their row index into `tl` or None): made by a matmul, a view, or read in place by `r`."
+    if th is not None: return _mm(take(th), tW.detach().t(), Tb[:m])[:, :vs], None
+    if r is None: return tl[i:i + m, :vs], None
+    return tl[:, :vs], r                 # the teacher's rows are read in place, run by run: no gathered copy
+
+def _head_grads(G, hc, Wd, gh, gW, r, i):
+    "A block's share of the head's gradients: ∂h = G·W into `gh` (rows i… or rows `r`), ∂W += Gᵀ·h."
+    if gh is not None:
+        if r is None: _mm(G, Wd, gh[i:i + G.shape[0]])
+        else: gh.index_copy_(0, r, (G @ Wd).to(gh.dtype))
+    if gW is not None: gW.addmm_(G.t().to(gW.dtype), hc.to(gW.dtype))
+
+# %% ../nbs/00_kd_loss.ipynb #ee2464b1
 class _FusedKD(torch.autograd.Function):
     "KD + CE from hidden states, block by block; gradients for the hidden states and head computed in forward."
     @staticmethod
-    def forward(ctx, h, W, th, tW, tl, y, idx, opts):
-        div, T, beta, skew, kd_w, lm_w, denom, k, vs = opts
-        H, V, f32, dev = h.shape[-1], W.shape[0], torch.float32, h.device
-        h2 = h.detach().reshape(-1, H); N = h2.shape[0]; Wd = W.detach()
-        cdt = torch.promote_types(W.dtype, f32)
+    def forward(ctx, h, W, th, tW, tl, y, idx, a):
+        H, V, dev, T, vs = h.shape[-1], W.shape[0], h.device, a.spec.T, a.vocab
+        h2, Wd = h.detach().reshape(-1, H), W.detach(); N = h2.shape[0]
+        cdt = torch.promote_types(W.dtype, torch.float32)
         gh = _empty_big(h2.shape, h.dtype, dev, zero=idx is not None) if ctx.needs_input_grad[0] else None
         gW = torch.zeros(W.shape, dtype=cdt, device=dev) if ctx.needs_input_grad[1] else None
-        n = N if idx is None else idx.numel()
-        k = max(1, min(k, n))
+        n = N if idx is None else idx.numel(); k = max(1, min(a.rows, n))
         S = torch.empty(k, V, dtype=cdt, device=dev)
         Tb = torch.empty(k, tW.shape[0], dtype=cdt, device=dev) if th is not None else None
-        th2 = None if th is None else th.detach().reshape(-1, th.shape[-1])
-        tl2 = None if tl is None else tl.detach().reshape(-1, tl.shape[-1])
-        kd_s, lm_s = kd_w * T / denom, lm_w / denom
+        th2, tl2 = (None if x is None else x.detach().reshape(-1, x.shape[-1]) for x in (th, tl))
+        sp, y2 = a.spec._replace(scale=a.kd_w * T / a.denom), None if y is None else y.reshape(-1)
         kd_tot = lm_tot = torch.zeros((), dtype=torch.float64, device=dev)
-        y2 = None if y is None else y.reshape(-1)
-        ws = _Workspace()                    # one thread pool and one set of scratch buffers for all blocks
         for i in range(0, n, k):
             r = None if idx is None else idx[i:i + k]
             take = (lambda x: x[i:i + k]) if r is None else (lambda x: x.index_select(0, r))
-            hc = take(h2); m = hc.shape[0]; Sc = S[:m]
-            _mm(hc, Wd.t(), Sc)
-            if th is not None: tc, ti = _mm(take(th2), tW.detach().t(), Tb[:m])[:, :vs], None
-            elif r is None: tc, ti = tl2[i:i + k, :vs], None
-            else: tc, ti = tl2[:, :vs], r    # the teacher's logits are read in place, run by run: no gathered copy
-            if y2 is None:                   # KD only; the gradient overwrites the logits block, block by block
-                kd_tot = kd_tot + _kd_sum(Sc[:, :vs], tc, None, T, div, beta, skew, m, kd_s, Sc[:, :vs], ws=ws, t_idx=ti).double()
-                if vs < V: Sc[:, vs:] = 0
-            else:                            # KD and CE in one sweep (see `_kd_sum`'s `ce`)
-                kd_b, lm_b = _kd_sum(Sc[:, :vs], tc, None, T, div, beta, skew, m, kd_s, Sc[:, :vs],
-                                     ce=(Sc, take(y2), lm_s), ws=ws, t_idx=ti)
-                kd_tot, lm_tot = kd_tot + kd_b.double(), lm_tot + lm_b
-            G = Sc if Sc.dtype == W.dtype else Sc.to(W.dtype)
-            if gh is not None:
-                if r is None: _mm(G, Wd, gh[i:i + m])
-                else: gh.index_copy_(0, r, (G @ Wd).to(gh.dtype))
-            if gW is not None: gW.addmm_(G.t().to(cdt), hc.to(cdt))
-        ws.close()
+            hc = take(h2); m = hc.shape[0]; Sc = _mm(hc, Wd.t(), S[:m])
+            tc, ti = _teacher_block(th2, tW, tl2, Tb, take, r, i, m, vs)
+            ce = None if y2 is None else _CE(Sc, take(y2), a.lm_w / a.denom)
+            kd_b, lm_b = _kd_blocks(_Job(Sc[:, :vs], tc, sp, min(m, _auto_rows(vs, dev)), t_idx=ti, grad=Sc[:, :vs], ce=ce))
+            if ce is None and vs < V: Sc[:, vs:] = 0
+            kd_tot = kd_tot + kd_b; lm_tot = lm_tot if lm_b is None else lm_tot + lm_b
+            _head_grads(Sc if Sc.dtype == W.dtype else Sc.to(W.dtype), hc, Wd, gh, gW, r, i)
         ctx.save_for_backward(gh, None if gW is None else gW.to(W.dtype))
         ctx.hshape = h.shape
-        kd, lm = (kd_tot * (T * T / denom)).float(), (lm_tot / denom).float()
-        return kd_w * kd + lm_w * lm, kd, lm
+        kd, lm = (kd_tot * (T * T / a.denom)).float(), (lm_tot / a.denom).float()
+        return a.kd_w * kd + a.lm_w * lm, kd, lm
 
     @staticmethod
     @once_differentiable
@@ -671,6 +626,21 @@ class _FusedKD(torch.autograd.Function):
             gh = None if gh is None else gh.mul_(go.to(gh.dtype))
             gW = None if gW is None else gW.mul_(go.to(gW.dtype))
         return (None if gh is None else gh.view(ctx.hshape), gW) + (None,) * 6
+
+# %% ../nbs/00_kd_loss.ipynb #f05ed7ea
+def _fused_teacher(teacher, lead):
+    "(hidden, head, logits, vocab size) of `fused_kd_loss`'s `teacher`, checked against the student's leading shape."
+    if not isinstance(teacher, (tuple, list)):
+        _check_logits("teacher", teacher)
+        if teacher.shape[:-1] != lead: raise ValueError(f"teacher logits must have leading shape {tuple(lead)}, got {tuple(teacher.shape[:-1])}")
+        return None, None, teacher, teacher.shape[-1]
+    if len(teacher) != 2: raise ValueError(f"teacher must be logits or a (hidden, head_weight) pair, got {len(teacher)} items")
+    th, tW = teacher
+    _check_logits("teacher[0] (hidden)", th); _check_logits("teacher[1] (head weight)", tW)
+    if th.shape[:-1] != lead or tW.ndim != 2 or tW.shape[1] != th.shape[-1]:
+        raise ValueError(f"teacher (hidden, head) must be [{', '.join(map(str, lead))}, H'] and [V', H'], "
+                         f"got {tuple(th.shape)} and {tuple(tW.shape)}")
+    return th, tW, None, tW.shape[0]
 
 # %% ../nbs/00_kd_loss.ipynb #8e2974ac
 def fused_kd_loss(student_hidden:torch.Tensor, # student's last hidden states `[..., H]` (after the final norm)
@@ -706,18 +676,7 @@ def fused_kd_loss(student_hidden:torch.Tensor, # student's last hidden states `[
     if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != H:
         raise ValueError(f"lm_head_weight must be [V, {H}] (the hidden size), got {tuple(lm_head_weight.shape)}")
     lead = student_hidden.shape[:-1]
-    if isinstance(teacher, (tuple, list)):
-        if len(teacher) != 2: raise ValueError(f"teacher must be logits or a (hidden, head_weight) pair, got {len(teacher)} items")
-        th, tW, tl = teacher[0], teacher[1], None
-        _check_logits("teacher[0] (hidden)", th); _check_logits("teacher[1] (head weight)", tW)
-        if th.shape[:-1] != lead or tW.ndim != 2 or tW.shape[1] != th.shape[-1]:
-            raise ValueError(f"teacher (hidden, head) must be [{', '.join(map(str, lead))}, H'] and [V', H'], "
-                             f"got {tuple(th.shape)} and {tuple(tW.shape)}")
-        Vt = tW.shape[0]
-    else:
-        _check_logits("teacher", teacher); th = tW = None; tl = teacher
-        if tl.shape[:-1] != lead: raise ValueError(f"teacher logits must have leading shape {tuple(lead)}, got {tuple(tl.shape[:-1])}")
-        Vt = tl.shape[-1]
+    th, tW, tl, Vt = _fused_teacher(teacher, lead)
     T = _number("temperature", temperature, lo=0, lo_open=True)
     if divergence not in DIVERGENCES: raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     beta, skew = _number("beta", beta, 0, 1), _number("skew", skew, 0, 1)
@@ -736,9 +695,8 @@ def fused_kd_loss(student_hidden:torch.Tensor, # student's last hidden states `[
         yv = labels.reshape(-1) if idx is None else labels.reshape(-1)[idx]
         if yv.min() < 0 or yv.max() >= V: raise ValueError(f"labels must be in [0, {V}) or ignore_index, got values in [{yv.min().item()}, {yv.max().item()}]")
     denom = _divisor(num_items, n_valid)
-    k = chunk_size or FUSED_CHUNK
-    opts = (divergence, T, beta, skew, kd_w, lm_w, denom, k, vs)
-    return FusedKDOutput(*_FusedKD.apply(student_hidden, lm_head_weight, th, tW, tl, labels, idx, opts))
+    args = _FusedArgs(_spec(divergence, T, beta, skew), kd_w, lm_w, denom, chunk_size or FUSED_CHUNK, vs)
+    return FusedKDOutput(*_FusedKD.apply(student_hidden, lm_head_weight, th, tW, tl, labels, idx, args))
 
 # %% ../nbs/00_kd_loss.ipynb #c66feae7
 import bisect

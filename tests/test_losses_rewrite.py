@@ -1,0 +1,185 @@
+"The losses module's structure: what chunk_size means, no process-wide side effects, the gradient pool's liveness rule, one kernel tier."
+import math, threading
+import pytest, torch
+from kdlit import losses
+from kdlit.losses import DIVERGENCES, kd_loss, fused_kd_loss, _divergence_rows, _logprobs
+
+
+def _logits(seed, shape, scale=3.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def _spy_blocks(monkeypatch):
+    "Record the number of rows of every block any kernel processes."
+    seen = []
+    for div, k in list(losses._KERNELS.items()):
+        def value(B, c, st, sp, _v=k.value): seen.append(B[0].shape[0]); return _v(B, c, st, sp)
+        monkeypatch.setitem(losses._KERNELS, div, k._replace(value=value))
+    return seen
+
+
+@pytest.mark.parametrize("ck", [1, 3, 5, 64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunk_size_bounds_the_rows_processed_at_once(monkeypatch, ck, masked):
+    seen = _spy_blocks(monkeypatch)
+    s, t = _logits(0, (4, 9, 50)), _logits(1, (4, 9, 50))
+    labels = torch.randint(0, 50, (4, 9)); labels[1, 2:7] = -100
+    z = s.clone().requires_grad_()
+    kd_loss(z, t, labels if masked else None, temperature=2.0, chunk_size=ck).backward()
+    n = int((labels != -100).sum()) if masked else 36
+    assert seen and max(seen) <= ck and sum(seen) == n      # every valid row once, never more than ck at a time
+    if ck < n: assert max(seen) == ck                        # and blocks are as large as allowed
+
+
+def test_chunk_size_none_is_cache_sized_on_cpu(monkeypatch):
+    seen = _spy_blocks(monkeypatch)
+    V = 49152
+    s, t = _logits(0, (20, V)), _logits(1, (20, V))
+    kd_loss(s.requires_grad_(), t).backward()
+    assert max(seen) == losses._BLOCK // V == 8 and sum(seen) == 20
+
+
+def test_no_thread_count_is_changed_while_a_loss_runs(monkeypatch):
+    "No library call flips torch's thread count: set_num_threads is never called, and another thread sees its own count."
+    calls, before = [], torch.get_num_threads()
+    torch.set_num_threads(2)                                 # the pool path
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    old = torch.get_num_threads()
+    seen, stop = [], threading.Event()
+    def watch():
+        while not stop.is_set(): seen.append(torch.get_num_threads())
+    w = threading.Thread(target=watch); w.start()
+    try:
+        s, t = _logits(0, (64, 3000)), _logits(1, (64, 3000))
+        for div in DIVERGENCES:
+            kd_loss(s.clone().requires_grad_(), t, divergence=div, chunk_size=4).backward()
+        h, W = torch.randn(64, 16), torch.randn(3000, 16)
+        fused_kd_loss(h.requires_grad_(), W.requires_grad_(), t, torch.randint(0, 3000, (64,)), chunk_size=16).loss.backward()
+    finally:
+        stop.set(); w.join(); monkeypatch.undo(); torch.set_num_threads(before)
+    assert calls == [] and old == 2
+    assert seen and set(seen) == {seen[0]}
+
+
+def test_pool_threads_run_one_openmp_thread_each_and_the_caller_keeps_its_own():
+    if losses._OMP is None: pytest.skip("no per-thread OpenMP control here")
+    main = torch.get_num_threads()
+    pool = losses._pool(2)
+    assert list(pool.map(lambda _: torch.get_num_threads(), range(2))) == [1, 1]
+    assert torch.get_num_threads() == main
+    other = []
+    th = threading.Thread(target=lambda: other.append(torch.get_num_threads())); th.start(); th.join()
+    assert other == [main]
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_two_threads_match_one(div):
+    s, t = _logits(0, (40, 700)), _logits(1, (40, 700))
+    labels = torch.randint(0, 700, (40,)); labels[5:9] = -100
+    out = {}
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            z = s.clone().requires_grad_(); loss = kd_loss(z, t, labels, temperature=1.5, divergence=div, chunk_size=3)
+            loss.backward(); out[n] = (loss, z.grad)
+    finally: torch.set_num_threads(old)
+    torch.testing.assert_close(out[1][0], out[2][0], rtol=0, atol=0)
+    torch.testing.assert_close(out[1][1], out[2][1], rtol=0, atol=0)
+
+
+def test_pooled_buffer_waits_for_every_view_and_is_not_refcount_based():
+    "A gradient's memory comes back to the pool only when no tensor, view included, uses it."
+    losses.release_buffers()
+    s, t = _logits(0, (1024, 8192)), _logits(1, (1024, 8192))
+    a = s.clone().requires_grad_(); kd_loss(a, t, temperature=2.0).backward()
+    p1, view = a.grad.data_ptr(), a.grad[10:20]
+    expected = view.clone()
+    del a
+    assert losses.pooled_bytes() == 0                        # the view keeps the memory in use
+    b = s.clone().requires_grad_(); kd_loss(b, t, temperature=3.0).backward()
+    assert b.grad.data_ptr() != p1 and torch.equal(view, expected)
+    del view
+    assert losses.pooled_bytes() >= 1024 * 8192 * 4          # now idle
+    c = s.clone().requires_grad_(); kd_loss(c, t, temperature=2.0).backward()
+    assert c.grad.data_ptr() == p1
+    del b, c; losses.release_buffers()
+    assert not hasattr(losses, "_idle")                      # no reference-count test is left
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_float64_goes_through_the_kernels_in_float64(div, monkeypatch):
+    seen = _spy_blocks(monkeypatch)
+    s, t = _logits(0, (6, 40), dtype=torch.float64), _logits(1, (6, 40), dtype=torch.float64)
+    z = s.clone().requires_grad_(); loss = kd_loss(z, t, temperature=0.7, divergence=div, beta=0.3, skew=0.2, chunk_size=4)
+    loss.backward()
+    assert seen and loss.dtype == torch.float64
+    r = s.clone().requires_grad_()
+    ref = _divergence_rows(_logprobs(r, 0.7), _logprobs(t, 0.7), div, 0.3, 0.2).sum() * 0.49 / 6
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(z.grad, r.grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "jsd", "skew_reverse_kl", "soft_ce"])
+def test_fused_with_neg_inf_teacher_rows_keeps_the_ce_gradient(div):
+    "Rows the block formulas cannot value are redone by the reference before the CE gradient is added."
+    torch.manual_seed(0)
+    h, W, t = torch.randn(12, 8), torch.randn(30, 8), torch.randn(12, 30) * 2
+    t[[1, 7], :5] = -math.inf
+    y = torch.randint(0, 30, (12,))
+    h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    out = fused_kd_loss(h1, W1, t, y, temperature=2.0, divergence=div, chunk_size=5)
+    out.loss.backward()
+    h2, W2 = h.double().requires_grad_(), W.double().requires_grad_()
+    z = h2 @ W2.T
+    ref = kd_loss(z, t.double(), y, temperature=2.0, divergence=div, chunk_size=0) + losses.lm_loss(z, y)
+    ref.backward()
+    torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h1.grad.double(), h2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(W1.grad.double(), W2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_one_kernel_tier_and_a_fixed_table():
+    "One kernel per divergence, defined once: the table is not rewritten after import, and no second tier remains."
+    assert set(losses._KERNELS) == set(DIVERGENCES)
+    for name in ("_fast_kernel", "_fast_rows", "_lean_kl", "_LEAN", "_ORIGINAL", "_EXACT", "_kd_sum", "_Workspace", "_ChunkedKD"):
+        assert not hasattr(losses, name), name
+
+
+def test_a_forked_child_gets_its_own_pool():
+    "The parent's pool threads do not exist in a forked child: a loss there must not wait on them."
+    import multiprocessing as mp
+    if losses._OMP is None or "fork" not in mp.get_all_start_methods(): pytest.skip("needs fork and the pool")
+    old = torch.get_num_threads(); torch.set_num_threads(2)
+    try:
+        s, t = _logits(0, (32, 500)), _logits(1, (32, 500))
+        kd_loss(s, t, chunk_size=2)                          # the parent's pool exists now
+        both = threading.Barrier(2)
+        list(losses._pool(2).map(lambda _: both.wait(timeout=10), range(2)))   # with both its threads started, idle
+        ctx = mp.get_context("fork")
+        with ctx.Pool(1) as p:
+            r = p.apply_async(_child_loss, (s, t))
+            assert abs(r.get(timeout=30) - float(kd_loss(s, t, chunk_size=2))) < 1e-6
+    finally: torch.set_num_threads(old)
+
+
+def _child_loss(s, t):
+    torch.set_num_threads(2)
+    return float(kd_loss(s, t, chunk_size=2))
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_finite_logits_never_take_the_reference_fallback(div, monkeypatch):
+    "Only rows the block formulas cannot value go to the reference: none when every logit is finite."
+    calls = []
+    real = losses._redo
+    monkeypatch.setattr(losses, "_redo", lambda *a: calls.append(1) or real(*a))
+    s, t = _logits(0, (30, 300)), _logits(1, (30, 300))
+    for _ in range(5):
+        kd_loss(s.clone().requires_grad_(), t, temperature=2.0, divergence=div, chunk_size=4).backward()
+    assert calls == []
+    s, t = s.clone(), t.clone(); s[3, :7] = t[3, :7] = -math.inf   # and a row that needs it does take it (0·∞)
+    kd_loss(s.requires_grad_(), t, temperature=2.0, divergence=div, chunk_size=4).backward()
+    assert calls
