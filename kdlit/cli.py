@@ -106,8 +106,11 @@ def curriculum_spec(spec # None, "seed", a JSON/YAML dict string, a path to a .j
     return d
 
 # %% ../nbs/08_cli.ipynb #28f6f1db
-class Range(typing.NamedTuple):
-    "Bounds of a number field (`Annotated[float, Range(0, 1)]`): lo ≤ x ≤ hi, or lo < x < hi when `strict`."
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number field (`Annotated[float, Range(0, 1)]`): lo ≤ x ≤ hi, or lo < x < hi when `strict`.
+    A dataclass, not a tuple: Python 3.11.2's `typing` caches `Annotated[int, m]` by `m`'s equality, so a tuple-like `Range(0)`
+    of `python -m kdlit.cli`'s `__main__` copy would stand in for the module's own (and `isinstance` would miss it)."""
     lo: float|None = None
     hi: float|None = None
     strict: bool = False

@@ -696,3 +696,17 @@ def test_cache_refuses_a_directory_that_is_not_a_cache(assets, tmp_path):
     line = _one_line_failure(kdlit("cache", "--teacher", assets / "teacher", "--data", assets / "corpus.txt", "--out", tmp_path / "busy"))
     assert "out:" in line and "holds no kdlit teacher cache" in line and line.startswith("kdlit cache: error:"), line
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_range_of_a_second_copy_of_the_module_is_not_taken_for_the_modules_own():
+    """`python -m kdlit.cli` runs a `__main__` copy of the module, then the module: on Python 3.11.2 `typing` caches
+    `Annotated[int, Range(0)]` by equality, so a copy's Range that equals the module's would be handed to the module's
+    config, its `isinstance` check would miss it, and `top_k`'s bound 0 would read as the default 1 (`--top-k` 0 refused)."""
+    import typing
+    import kdlit.cli as cli
+    spec = importlib.util.spec_from_file_location("kdlit._cli_copy", cli.__file__)
+    copy = importlib.util.module_from_spec(spec); spec.loader.exec_module(copy)
+    assert copy.Range(0) != cli.Range(0)
+    hint = typing.get_type_hints(cli.DistillConfig, include_extras=True)["top_k"]
+    assert isinstance(hint.__metadata__[0], cli.Range)
+    assert cli.DistillConfig(top_k=0).top_k == 0
