@@ -1019,6 +1019,7 @@ def check_cache_inputs(cc:CacheConfig):
     if out.is_dir() and not ((out/MANIFEST).exists() or (out/PLAN).exists()) and any(not p.name.startswith(".") for p in out.iterdir()):
         raise ValueError(f"out: {cc.out!r} is not empty and holds no kdlit teacher cache; choose an empty or new directory")
     _check_writable(out, "out")
+    _check_device(cc.device)
 
 # %% ../nbs/08_cli.ipynb #91e98a4b
 def make_cache(cc:CacheConfig):

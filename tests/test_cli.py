@@ -698,6 +698,15 @@ def test_cache_refuses_a_directory_that_is_not_a_cache(assets, tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cache_on_a_missing_device_is_one_line(assets, tmp_path):
+    "`kdlit cache --device cuda` without CUDA: the same one-line check as `kdlit distill`'s, before the teacher loads."
+    line = _one_line_failure(kdlit("cache", "--teacher", assets / "teacher", "--data", assets / "corpus.txt",
+                                   "--out", tmp_path / "c", "--device", "cuda"))
+    assert line == "kdlit cache: error: device: 'cuda' requested but torch sees no CUDA device", line
+    assert not (tmp_path / "c").exists()
+
+
 def test_range_of_a_second_copy_of_the_module_is_not_taken_for_the_modules_own():
     """`python -m kdlit.cli` runs a `__main__` copy of the module, then the module: on Python 3.11.2 `typing` caches
     `Annotated[int, Range(0)]` by equality, so a copy's Range that equals the module's would be handed to the module's
