@@ -14,8 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from fastprogress.fastprogress import progress_bar
 from fastcore.basics import patch
 from .losses import SparseTargets, sparse_targets, SPARSE_METHODS, DEFAULT_TEMPS
-from torch.autograd.function import once_differentiable
-from .losses import lm_loss, sparse_kd_loss, SPARSE_DIVERGENCES, _auto_chunk
+from .losses import lm_loss, sparse_kd_loss, fused_sparse_kd_loss, SPARSE_DIVERGENCES
 from .data import DataLoaders, ResumableSampler, _fingerprint
 from .metrics import perplexity, format_ppl, ppl_band
 from .distiller import Distiller, LossSource, _graph, _fused_head
@@ -482,39 +481,19 @@ def terms(self:CachedKD, learn, s, tg, y, num_items, logs:dict):
     return loss
 
 # %% ../nbs/07b_cache.ipynb #bb1043fa
-class _RowBlocks(torch.autograd.Function):
-    "Σ over blocks of `rows` rows of `f(logits, row_idx)`, the logits of `h` [N, H] through the head `W` [V, H]; see above."
-    @staticmethod
-    def forward(ctx, h, W, f, rows, logs):
-        S = (h @ W.t()).float()                 # the logits, then (block by block) their gradient
-        logs["max_logit_student"] = S.abs().amax()
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, S.shape[0], rows):
-            s = S[i:i + rows].detach().requires_grad_()
-            with torch.enable_grad(): loss = f(s, torch.arange(i, i + len(s), device=h.device))
-            g = torch.autograd.grad(loss, s)[0] if loss.requires_grad else torch.zeros_like(s)
-            total += loss.detach(); S[i:i + rows] = g
-        ctx.G = S; ctx.save_for_backward(h, W)
-        return total
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, go):
-        (h, W), G = ctx.saved_tensors, ctx.G.mul_(go.float())
-        return ((G @ W.float()).to(h.dtype) if ctx.needs_input_grad[0] else None,
-                (G.t() @ h.float()).to(W.dtype) if ctx.needs_input_grad[1] else None, None, None, None)
-
 @patch
 def token_losses(self:CachedKD, learn, s_out, tg, y, num_items):
-    "The weighted lm + kd and their raw values: from the student's logits, or block by block from its hidden states."
+    "The weighted lm + kd and their raw values: from the student's logits, or (chunked) from its hidden states by `fused_sparse_kd_loss`."
     if not self.chunks(learn):
         logs = dict(max_logit_student=s_out.logits.detach().abs().amax())
         return self.terms(learn, s_out.logits, tg, y, num_items, logs), logs
     h, W = s_out.last_hidden_state, learn.accelerator.unwrap_model(learn.student).get_output_embeddings().weight
-    logs, tgf, y2, w = {}, tg.flat(), y.reshape(-1), learn.weights
-    f = lambda s, r: self.terms(learn, s, tgf.rows(r), y2[r], num_items, logs)
-    with _graph(w.get("lm", 0.0) or (w.get("kd", 0.0) if learn.active["kd"] else 0.0)):
-        loss = _RowBlocks.apply(h.reshape(-1, h.shape[-1]), W, f, _auto_chunk(W.shape[0]), logs)
-    return loss, logs
+    kd_on, w = learn.active["kd"], learn.weights
+    kd_w, lm_w = (w.get("kd", 0.0) if kd_on else 0.0), w.get("lm", 0.0)
+    with _graph(kd_w or lm_w):            # kd off: weight 0, not logged (forward KL: any divergence has a value to skip)
+        out = fused_sparse_kd_loss(h, W, tg, y, temperature=learn.T, divergence=learn.divergence if kd_on else "forward_kl",
+                                   kd_weight=kd_w, lm_weight=lm_w, num_items=num_items, vocab_size=learn.vocab_size)
+    return out.loss, dict(lm=out.lm.detach(), **(dict(kd=out.kd.detach()) if kd_on else {}))
 
 # %% ../nbs/07b_cache.ipynb #c98de8eb
 @patch

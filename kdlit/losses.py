@@ -7,7 +7,7 @@ Docs: https://kdlit.github.io/kdlit/kd_loss.html.md"""
 # %% auto #0
 __all__ = ['DIVERGENCES', 'REUSE_BUFFERS', 'FusedKDOutput', 'FUSED_CHUNK', 'SPARSE_METHODS', 'SPARSE_DIVERGENCES',
            'DEFAULT_TEMPS', 'release_buffers', 'pooled_bytes', 'kd_loss', 'lm_loss', 'fused_kd_loss', 'SparseTargets',
-           'sparse_targets', 'sparse_kd_loss']
+           'sparse_targets', 'sparse_kd_loss', 'fused_sparse_kd_loss']
 
 # %% ../nbs/00_kd_loss.ipynb #9a70493c
 import ctypes, math, mmap, numbers, os, threading, weakref
@@ -875,3 +875,137 @@ def sparse_kd_loss(student_logits:torch.Tensor, # student logits `[..., V]`, any
     s, tg = student_logits.reshape(-1, student_logits.shape[-1])[:, :V], targets.to(student_logits.device).flat()
     if idx is not None: s, tg = s.index_select(0, idx), tg.rows(idx)
     return _sparse_rows(_logprobs(s, T), tg, T, divergence).sum() * (T * T / denom)
+
+# %% ../nbs/00_kd_loss.ipynb #762ac61c
+class _SparseArgs(NamedTuple):
+    "`fused_sparse_kd_loss`'s settings, as `_FusedSparse` needs them."
+    divergence: str
+    T: float
+    kd_w: float
+    lm_w: float
+    denom: float
+    vocab: int                 # the KD term's vocab size (a padded head's extra columns get CE only)
+    rows: int                  # rows per block of logits
+    @property
+    def kd_scale(self): return self.kd_w * self.T / self.denom    # the KD gradient is kd_scale·(q − target)
+    @property
+    def lm_scale(self): return self.lm_w / self.denom             # the CE gradient is lm_scale·(softmax − onehot)
+
+def _sparse_redo(S, tg, y, a, bad):
+    "(kd rows, ce rows, gradient) of rows `bad` of a block by the log-space reference and autograd."
+    x = S[bad].clone().requires_grad_()
+    with torch.enable_grad():
+        kd = _sparse_rows(_logprobs(x[:, :a.vocab], a.T), tg.rows(bad), a.T, a.divergence)
+        ce = F.cross_entropy(x, y[bad], reduction="none") if y is not None else torch.zeros_like(kd)
+        g, = torch.autograd.grad(a.kd_scale * a.T * kd.sum() + a.lm_scale * ce.sum(), x)
+    return kd.detach(), ce.detach(), g
+
+# %% ../nbs/00_kd_loss.ipynb #9a6bdd73
+def _sparse_block(S, tg, y, a, E, E1):
+    """Σ D̂ and Σ CE (float64) of logits `S` [m, V] against flat targets `tg` and labels `y` (or None) of the same rows;
+    writes a.kd_scale·(q − target) + a.lm_scale·(softmax − onehot) over `S`. `E`, `E1`: scratch [≥ m, vocab], [≥ m, V]."""
+    m, vs, ids = S.shape[0], a.vocab, tg.ids.long()
+    Sk, E, (w, lp, lpR, HR) = S[:, :vs], E[:m], _target_at(tg, a.T)
+    mx = S.amax(1, keepdim=True)
+    torch.sub(Sk, mx, out=E); E.mul_(_LOG2E / a.T); E.exp2_()                   # e = exp((s − max)/T)
+    EK, lq = E.gather(1, ids), (Sk.gather(1, ids) - mx) / a.T
+    if lpR is not None: E.scatter_(1, ids, 0.); ER = E.sum(1); Z = ER + EK.sum(1)   # the tail exactly, then Z
+    else: Z = E.sum(1)
+    lZ = Z.log(); lq = lq - lZ[:, None]
+    rows = _wdiff(w, lp, lq).sum(-1) if a.divergence == "forward_kl" else -_wdiff(w, lq, torch.zeros_like(lq)).sum(-1)
+    if lpR is not None:
+        pR, lqR = lpR.exp(), ER.log() - lZ
+        rows = rows + (_wdiff(pR, lpR, lqR) if a.divergence == "forward_kl" else pR * HR - _wdiff(pR, lqR, torch.zeros_like(lqR)))
+    ce = torch.zeros_like(rows)
+    if y is not None:                                                             # CE at T = 1: its own exponential
+        E1 = E1[:m]; torch.sub(S, mx, out=E1); E1.mul_(_LOG2E); E1.exp2_(); Z1 = E1.sum(1)
+        ce = Z1.log() + mx[:, 0] - S.gather(1, y[:, None])[:, 0]
+    bad = (~torch.isfinite(rows) | ~torch.isfinite(ce)).nonzero()[:, 0]
+    redo = _sparse_redo(S, tg, y, a, bad) if len(bad) else None                   # while the logits are intact
+    if lpR is not None:
+        c = 1 / Z - torch.where(pR > 0, pR / ER, 0.)                              # the tail's factor (no tail: 1/Z)
+        torch.mul(E, (c * a.kd_scale)[:, None], out=Sk); Sk.scatter_(1, ids, (EK / Z[:, None] - w) * a.kd_scale)
+    else: torch.mul(E, (a.kd_scale / Z)[:, None], out=Sk); Sk.scatter_add_(1, ids, -w * a.kd_scale)
+    if vs < S.shape[1]: S[:, vs:] = 0
+    if y is not None and a.lm_scale:
+        S.addcmul_(E1, (a.lm_scale / Z1)[:, None]); S.scatter_add_(1, y[:, None], S.new_full((m, 1), -a.lm_scale))
+    if redo is not None: rows[bad], ce[bad], S[bad] = redo
+    return rows.double().sum(), ce.double().sum()
+
+# %% ../nbs/00_kd_loss.ipynb #c40521c9
+class _FusedSparse(torch.autograd.Function):
+    "Sparse KD + CE from hidden states, block by block (as `_FusedKD`); the head's gradients computed in forward."
+    @staticmethod
+    def forward(ctx, h, W, tg, y, idx, a):
+        H, V, dev = h.shape[-1], W.shape[0], h.device
+        h2, Wd = h.detach().reshape(-1, H), W.detach(); N = h2.shape[0]
+        cdt = torch.promote_types(W.dtype, torch.float32)
+        gh = _empty_big(h2.shape, h.dtype, dev, zero=idx is not None) if ctx.needs_input_grad[0] else None
+        gW = torch.zeros(W.shape, dtype=cdt, device=dev) if ctx.needs_input_grad[1] else None
+        n = N if idx is None else idx.numel(); k = max(1, min(a.rows, n)); sub = min(k, _auto_chunk(V))
+        S, E, E1 = (torch.empty(r, c, dtype=cdt, device=dev) for r, c in ((k, V), (sub, a.vocab), (sub, V)))
+        y2 = None if y is None else y.reshape(-1)
+        kd_tot = lm_tot = torch.zeros((), dtype=torch.float64, device=dev)
+        for i in range(0, n, k):
+            r = torch.arange(i, min(i + k, n), device=dev) if idx is None else idx[i:i + k]
+            hc = h2.index_select(0, r) if idx is not None else h2[i:i + k]; m = hc.shape[0]
+            Sc = _mm(hc, Wd.t(), S[:m])
+            for j in range(0, m, sub):
+                rj = r[j:j + sub]
+                kd_b, lm_b = _sparse_block(Sc[j:j + sub], tg.rows(rj), None if y2 is None else y2[rj], a, E, E1)
+                kd_tot, lm_tot = kd_tot + kd_b, lm_tot + lm_b
+            _head_grads(Sc if Sc.dtype == W.dtype else Sc.to(W.dtype), hc, Wd, gh, gW, None if idx is None else r, i)
+        ctx.save_for_backward(gh, None if gW is None else gW.to(W.dtype))
+        ctx.hshape = h.shape
+        kd, lm = (kd_tot * (a.T * a.T / a.denom)).float(), (lm_tot / a.denom).float()
+        return a.kd_w * kd + a.lm_w * lm, kd, lm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, go, _kd, _lm): return _FusedKD.backward(ctx, go, _kd, _lm)[:2] + (None,) * 4
+
+# %% ../nbs/00_kd_loss.ipynb #212f4d6b
+def fused_sparse_kd_loss(student_hidden:torch.Tensor, # student's last hidden states `[..., H]` (after the final norm)
+                         lm_head_weight:torch.Tensor, # student's output head `[V, H]` (logits = hidden @ weightᵀ, no bias)
+                         targets:SparseTargets, # the teacher's sparse targets, leading dims as the hidden states
+                         labels:torch.Tensor|None=None, # integer labels `[...]`, aligned; `ignore_index` rows left out of both terms
+                         *,
+                         temperature:float=1.0, # T of the KD term (the CE term is at T = 1)
+                         divergence:str="forward_kl", # one of `SPARSE_DIVERGENCES`
+                         kd_weight:float=1.0, # weight of the KD term in `loss`
+                         lm_weight:float=1.0, # weight of the hard-label CE term in `loss` (needs `labels`)
+                         ignore_index:int=-100, # label value of positions to leave out
+                         num_items:int|float|None=None, # divisor instead of the number of valid positions (both terms)
+                         vocab_size:int|None=None, # the KD term uses the head's first `vocab_size` rows (a padded head)
+                         chunk_size:int|None=None, # rows per block of logits; None: `FUSED_CHUNK` (512)
+                        )->FusedKDOutput: # (loss, kd, lm): loss = kd_weight·kd + lm_weight·lm; kd, lm detached
+    """`sparse_kd_loss` + `lm_loss` from hidden states and head weights, block by block with the closed-form gradient:
+    `fused_kd_loss` for a teacher kept as `SparseTargets`.
+
+    >>> h, W, t, y = torch.randn(6, 8), torch.randn(20, 8), torch.randn(6, 20), torch.randint(0, 20, (6,))
+    >>> tg = sparse_targets(t, k=5, dtype=torch.float32)
+    >>> out = fused_sparse_kd_loss(h, W, tg, y, temperature=2.0, kd_weight=0.5, lm_weight=0.5)
+    >>> torch.allclose(out.kd, sparse_kd_loss(h @ W.T, tg, y, temperature=2.0)), torch.allclose(out.lm, lm_loss(h @ W.T, y))
+    (True, True)
+    """
+    for name, x in (("student_hidden", student_hidden), ("lm_head_weight", lm_head_weight)): _check_logits(name, x)
+    H, V, lead = student_hidden.shape[-1], lm_head_weight.shape[0], student_hidden.shape[:-1]
+    if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != H:
+        raise ValueError(f"lm_head_weight must be [V, {H}] (the hidden size), got {tuple(lm_head_weight.shape)}")
+    if divergence not in SPARSE_DIVERGENCES:
+        raise ValueError(f"divergence {divergence!r} has no sound sparse form; use one of {SPARSE_DIVERGENCES}")
+    T = _number("temperature", temperature, lo=0, lo_open=True)
+    kd_w, lm_w = _number("kd_weight", kd_weight), _number("lm_weight", lm_weight)
+    if labels is None and lm_w != 0: raise ValueError("labels must be given when lm_weight != 0 (the CE term needs them), got None")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int): raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    vs = V if vocab_size is None else vocab_size
+    if isinstance(vs, bool) or not isinstance(vs, int) or not 1 <= vs <= V: raise ValueError(f"vocab_size must be an int in [1, {V}], got {vocab_size!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    _check_targets(targets, lead, vs)
+    idx, n_valid = _valid_rows(labels, lead, ignore_index, student_hidden.device)
+    if labels is not None and n_valid:
+        yv = labels.reshape(-1) if idx is None else labels.reshape(-1)[idx]
+        if yv.min() < 0 or yv.max() >= V: raise ValueError(f"labels must be in [0, {V}) or ignore_index, got values in [{yv.min().item()}, {yv.max().item()}]")
+    a = _SparseArgs(divergence, T, kd_w, lm_w, _divisor(num_items, n_valid), vs, chunk_size or FUSED_CHUNK)
+    return FusedKDOutput(*_FusedSparse.apply(student_hidden, lm_head_weight, targets.to(student_hidden.device).flat(), labels, idx, a))
