@@ -61,11 +61,22 @@ def run_cbs(cbs, # callbacks
         if method is not None: method(learn)
 
 # %% ../nbs/07_distiller.ipynb #9dab525d
+def _fusable(params) -> bool:
+    "Can torch's fused AdamW update these parameters (or parameter groups): floating point, all on CPU or all on CUDA?"
+    ps = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    types = {p.device.type for p in ps}
+    return bool(ps) and all(p.is_floating_point() for p in ps) and len(types) == 1 and types <= {"cpu", "cuda"}
+
 def adamw(betas=(0.9, 0.95), # AdamW betas
           weight_decay: float = 0.0, # AdamW weight decay
+          fused: bool|None = None, # torch's fused AdamW (one kernel per tensor); None: wherever it applies (`_fusable`)
          ):
     "The default `opt_func(params, lr)`: AdamW with these settings."
-    return lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    def opt_func(params, lr):
+        params = list(params)
+        f = _fusable(params) if fused is None else fused
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=bool(f) or None)
+    return opt_func
 
 def warmup_cosine(warmup=0.05, # LR warm-up: a fraction of the steps (< 1) or a number of steps (int >= 0)
                   min_frac: float = 0.1, # the cosine ends at lr * min_frac
@@ -623,8 +634,9 @@ def _one_step(self: Distiller):
         self("after_clip")                                     # GuardCB: a non-finite norm sets `skipped` (no scaler)
     self.lr_used = self.opt.param_groups[0]["lr"]
     if not self.skipped:
-        self.opt.step()
-        self.skipped = bool(getattr(self.opt, "step_was_skipped", False))   # a GradScaler skipped an overflow itself
+        s0 = self.scaler.get_scale() if self.scaler is not None and self.scaler.is_enabled() else None
+        self.opt.step()                                        # a GradScaler that skips an overflow backs its scale off:
+        self.skipped = bool(getattr(self.opt, "step_was_skipped", False)) or (s0 is not None and self.scaler.get_scale() < s0)
     self("after_opt_step")                                     # GuardCB: closes the step (may raise TrainingDiverged)
     if not self.skipped: self.sched.step()
     self.step += 1
