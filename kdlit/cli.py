@@ -550,6 +550,14 @@ def _find_saved_config(ck:pathlib.Path|None) -> pathlib.Path|None:
         if (d/"config.json").is_file(): return d/"config.json"
     return None
 
+def _resume_n_layers(saved:dict, n):
+    "`n_layers` of a --resume whose run saved `saved`: a repeated --n-layers N names the N layers the run chose (saved as `layers`)."
+    kept = saved.get("layers")
+    if n is None or kept is None or saved.get("n_layers") is not None: return n
+    if int(n) != len(kept):
+        raise ValueError(f"n_layers: {n} given, but the run being resumed keeps {len(kept)} teacher layers {kept}; drop --n-layers to continue it")
+    return None
+
 def config_from_args(argv:list[str], # the arguments after `kdlit distill`
                     ) -> DistillConfig:
     "A `kdlit distill` command line as a `DistillConfig`: the defaults ← `--config` (or, on `--resume`, the run's config.json) ← flags."
@@ -560,6 +568,7 @@ def config_from_args(argv:list[str], # the arguments after `kdlit distill`
     if (base.get("curriculum") if ns.curriculum == p.get_default("curriculum") else ns.curriculum) == "seed":
         base = {**SEED_RECIPE, **base}                   # --curriculum seed brings the seed's temperature (unless given)
     if base: p.set_defaults(**base); ns = p.parse_args(argv)     # a file's values are the defaults the flags override
+    if ns.resume is not None and not ns.config: ns.n_layers = _resume_n_layers(base, ns.n_layers)
     return DistillConfig(**{f.name: getattr(ns, f.name) for f in fields(DistillConfig)})
 
 # %% ../nbs/08_cli.ipynb #ce9603a3
@@ -572,7 +581,8 @@ def resolve_run(config=None, # a `DistillConfig`, a dict, or a config file's pat
     "The checked config of a `distill` call (on `resume`, the run's config.json is the base); ValueError with one line otherwise."
     given = {k: v for k, v in options.items() if v is not None}
     if config is None and given.get("resume") is not None:
-        config = _find_saved_config(checkpoint_dir(resolve_config(None, **given)))
+        config = _find_saved_config(checkpoint_dir(resolve_config(None, **{k: v for k, v in given.items() if k != "n_layers"})))
+        if config is not None and _resume_n_layers(load_config(config), given.get("n_layers")) is None: given.pop("n_layers", None)
     cfg = resolve_config(config, **given)
     check_inputs(cfg)
     if cfg.cache is not None: cfg = _from_cache_data(cfg)

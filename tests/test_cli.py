@@ -131,6 +131,21 @@ def test_resume_continues(assets, tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps_done"] == 10
 
 
+def test_resume_with_the_first_calls_flags(assets, tmp_path):
+    "Repeating the first call's --n-layers on --resume continues the run (the layers it chose); another count is one line."
+    out = tmp_path / "r"
+    assert kdlit(*tiny_args(assets, out, 4, "--n-layers", 1)).returncode == 0
+    layers = json.loads((out / "config.json").read_text())["layers"]
+    r = kdlit(*tiny_args(assets, out, 6, "--n-layers", 1, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "summary.json").read_text())["steps_done"] == 6
+    assert json.loads((out / "config.json").read_text())["layers"] == layers
+    line = _one_line_failure(kdlit(*tiny_args(assets, out, 8, "--n-layers", 2, "--resume")))
+    assert line.startswith("kdlit distill: error: n_layers: 2 given") and "drop --n-layers" in line, line
+    from kdlit.cli import resolve_run
+    assert resolve_run(out=str(out), resume="auto", n_layers=1).layers == layers          # the Python API alike
+
+
 def test_interrupt_keeps_checkpoint_and_resumes(assets, tmp_path):
     "SIGINT (Ctrl-C) mid-run: exit 130, the last checkpoint intact, a one-line resume hint; --resume finishes the run."
     from kdlit.distiller import find_checkpoint
