@@ -66,7 +66,7 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 class CacheSpec:
     "What a cache keeps per position: the method, k and the storage dtype (defaults chosen from the measurements above)."
     method: str = "tail_grid" # one of `SPARSE_METHODS`
-    k: int = 32 # tokens kept per position (method "sample": draws per position)
+    k: int = 128 # tokens kept per position (method "sample": draws per position)
     dtype: str = "float16" # storage dtype of the log-probabilities: float16, bfloat16 or float32
     temps: tuple|None = None # temperatures the tail is stored at (sample: the proposal's); None: `DEFAULT_TEMPS[method]`
     seed: int = 0 # seeds the draws of method "sample"
@@ -82,7 +82,7 @@ class CacheSpec:
         """Stored bytes per position: k ids and log-probabilities, plus the tail's fp32 statistics.
 
         >>> CacheSpec().bytes_per_token(49152), CacheSpec(method="topk", k=8, dtype="float32").bytes_per_token(49152)
-        (160, 48)
+        (544, 48)
         """
         n = len(self.temps) * (2 if self.method in ("tail_grid", "sample") else 1)
         return self.k * (_id_dtype(vocab_size).itemsize + _DTYPES[self.dtype].itemsize) + 4 * n

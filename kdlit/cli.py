@@ -1009,7 +1009,7 @@ class CacheConfig:
     valid_frac: Annotated[float, Range(0, 1, strict=True)] = 0.05 # fraction of the corpus held out for validation
     seed: Annotated[int, Range(0)] = 0 # random seed of the data split and order
     method: Literal[SPARSE_METHODS] = "tail_grid" # what is kept per position (kdlit.cache.CacheSpec)
-    k: int = 32 # tokens kept per position
+    k: int = 128 # tokens kept per position (kdlit.cache.CacheSpec's default)
     dtype: Literal[_CACHE_DTYPES] = "float16" # storage dtype of the log-probabilities
     out: str = "runs/teacher-cache" # directory of the cache (a killed capture there is resumed)
     overwrite: bool = False # replace another teacher cache in OUT

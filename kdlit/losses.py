@@ -581,11 +581,14 @@ def _teacher_block(th, tW, tl, Tb, take, r, i, m, vs):
     return tl[:, :vs], r                 # the teacher's rows are read in place, run by run: no gathered copy
 
 def _head_grads(G, hc, Wd, gh, gW, r, i):
-    "A block's share of the head's gradients: ∂h = G·W into `gh` (rows i… or rows `r`), ∂W += Gᵀ·h."
+    "A block's share of the head's gradients: ∂h = G·W into `gh` (rows i… or rows `r`), ∂W += Gᵀ·h (the first block, i = 0: ∂W =)."
     if gh is not None:
         if r is None: _mm(G, Wd, gh[i:i + G.shape[0]])
         else: gh.index_copy_(0, r, (G @ Wd).to(gh.dtype))
-    if gW is not None: gW.addmm_(G.t().to(gW.dtype), hc.to(gW.dtype))
+    if gW is None: return
+    Gt, hw = G.t().to(gW.dtype), hc.to(gW.dtype)
+    if i == 0: torch.mm(Gt, hw, out=gW)               # the first block writes ∂W: no zero-filled buffer to add to
+    else: gW.addmm_(Gt, hw)
 
 # %% ../nbs/00_kd_loss.ipynb #ee2464b1
 class _FusedKD(torch.autograd.Function):
@@ -595,9 +598,9 @@ class _FusedKD(torch.autograd.Function):
         H, V, dev, T, vs = h.shape[-1], W.shape[0], h.device, a.spec.T, a.vocab
         h2, Wd = h.detach().reshape(-1, H), W.detach(); N = h2.shape[0]
         cdt = torch.promote_types(W.dtype, torch.float32)
-        gh = _empty_big(h2.shape, h.dtype, dev, zero=idx is not None) if ctx.needs_input_grad[0] else None
-        gW = torch.zeros(W.shape, dtype=cdt, device=dev) if ctx.needs_input_grad[1] else None
         n = N if idx is None else idx.numel(); k = max(1, min(a.rows, n))
+        gh = _empty_big(h2.shape, h.dtype, dev, zero=idx is not None) if ctx.needs_input_grad[0] else None
+        gW = (torch.empty if n else torch.zeros)(W.shape, dtype=cdt, device=dev) if ctx.needs_input_grad[1] else None
         S = torch.empty(k, V, dtype=cdt, device=dev)
         Tb = torch.empty(k, tW.shape[0], dtype=cdt, device=dev) if th is not None else None
         th2, tl2 = (None if x is None else x.detach().reshape(-1, x.shape[-1]) for x in (th, tl))
@@ -907,7 +910,7 @@ def _sparse_block(S, tg, y, a, E, E1):
     m, vs, ids = S.shape[0], a.vocab, tg.ids.long()
     Sk, E, (w, lp, lpR, HR) = S[:, :vs], E[:m], _target_at(tg, a.T)
     mx = S.amax(1, keepdim=True)
-    torch.sub(Sk, mx, out=E); E.mul_(_LOG2E / a.T); E.exp2_()                   # e = exp((s − max)/T)
+    torch.add(mx * (-1 / a.T), Sk, alpha=1 / a.T, out=E).exp_()                # e = exp((s − max)/T): two passes
     EK, lq = E.gather(1, ids), (Sk.gather(1, ids) - mx) / a.T
     if lpR is not None: E.scatter_(1, ids, 0.); ER = E.sum(1); Z = ER + EK.sum(1)   # the tail exactly, then Z
     else: Z = E.sum(1)
@@ -918,7 +921,7 @@ def _sparse_block(S, tg, y, a, E, E1):
         rows = rows + (_wdiff(pR, lpR, lqR) if a.divergence == "forward_kl" else pR * HR - _wdiff(pR, lqR, torch.zeros_like(lqR)))
     ce = torch.zeros_like(rows)
     if y is not None:                                                             # CE at T = 1: its own exponential
-        E1 = E1[:m]; torch.sub(S, mx, out=E1); E1.mul_(_LOG2E); E1.exp2_(); Z1 = E1.sum(1)
+        E1 = torch.sub(S, mx, out=E1[:m]).exp_(); Z1 = E1.sum(1)
         ce = Z1.log() + mx[:, 0] - S.gather(1, y[:, None])[:, 0]
     bad = (~torch.isfinite(rows) | ~torch.isfinite(ce)).nonzero()[:, 0]
     redo = _sparse_redo(S, tg, y, a, bad) if len(bad) else None                   # while the logits are intact
@@ -940,9 +943,9 @@ class _FusedSparse(torch.autograd.Function):
         H, V, dev = h.shape[-1], W.shape[0], h.device
         h2, Wd = h.detach().reshape(-1, H), W.detach(); N = h2.shape[0]
         cdt = torch.promote_types(W.dtype, torch.float32)
-        gh = _empty_big(h2.shape, h.dtype, dev, zero=idx is not None) if ctx.needs_input_grad[0] else None
-        gW = torch.zeros(W.shape, dtype=cdt, device=dev) if ctx.needs_input_grad[1] else None
         n = N if idx is None else idx.numel(); k = max(1, min(a.rows, n)); sub = min(k, _auto_chunk(V))
+        gh = _empty_big(h2.shape, h.dtype, dev, zero=idx is not None) if ctx.needs_input_grad[0] else None
+        gW = (torch.empty if n else torch.zeros)(W.shape, dtype=cdt, device=dev) if ctx.needs_input_grad[1] else None
         S, E, E1 = (torch.empty(r, c, dtype=cdt, device=dev) for r, c in ((k, V), (sub, a.vocab), (sub, V)))
         y2 = None if y is None else y.reshape(-1)
         kd_tot = lm_tot = torch.zeros((), dtype=torch.float64, device=dev)

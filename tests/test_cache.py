@@ -160,7 +160,7 @@ def test_spec_validation(pair, dls, tmp_path):
     with pytest.raises(ValueError, match="method"): CacheSpec(method="top")
     with pytest.raises(ValueError, match="dtype"): CacheSpec(dtype="int8")
     with pytest.raises(ValueError, match="k must"): CacheSpec(k=0)
-    assert CacheSpec().bytes_per_token(49152) == 32 * (2 + 2) + 4 * 8
+    assert CacheSpec().bytes_per_token(49152) == 128 * (2 + 2) + 4 * 8
 
 
 # --- training from a cache (CachedKD, from_cache) ---
