@@ -163,10 +163,11 @@ KD_STATE, KD_COMPONENTS = "kdlit_trainer_state.json", "kdlit_components.pt"
 def _guard_grads(self: KDMixin):
     "Check the (clipped) gradient norm; on any anomaly of this step drop every gradient, so the optimizer moves nothing."
     params = [p for p in self.model.parameters() if p.requires_grad] + self.component_parameters()
+    scaler = self.accelerator.scaler
+    self._scale0 = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None   # `_end_step` compares
     if not self.skipped:
         grads = [p.grad for p in params if p.grad is not None]
         gn = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        scaler = self.accelerator.scaler
         if not self.guard.check_grads(self.state.global_step, gn, scaler=scaler) and (scaler is None or not scaler.is_enabled()):
             self.skipped = True
         self.grad_norm = float(gn)
@@ -177,10 +178,12 @@ def _guard_grads(self: KDMixin):
 @patch
 def _end_step(self: KDMixin):
     "Close the step in the guard (may raise `TrainingDiverged`), keep the LR where it was after a skip, record the row."
-    step, skipped, by_scaler = self.state.global_step - 1, self.skipped, self.accelerator.optimizer_step_was_skipped
+    step, skipped, acc_skip = self.state.global_step - 1, self.skipped, self.accelerator.optimizer_step_was_skipped
+    s0, self._scale0 = getattr(self, "_scale0", None), None   # a GradScaler that skips an overflow backs its scale off; a fused
+    by_scaler = acc_skip or (s0 is not None and self.accelerator.scaler.get_scale() < s0)   # optimizer it steps all the same
     advance = self.guard.end_step(step, skipped=skipped or by_scaler)
     s = self.lr_scheduler
-    if skipped and not advance and s is not None:   # the Trainer stepped the schedule: take that step back
+    if not advance and not acc_skip and s is not None:   # the Trainer stepped the schedule: take that step back
         s.last_epoch -= 2; s.step()
     keys = sorted(self._sums)
     vals = torch.stack([self._sums[k].reshape(()) for k in keys]).to(self.args.device) if keys else torch.zeros(0)
