@@ -555,7 +555,8 @@ def _resume_n_layers(saved:dict, n):
     kept = saved.get("layers")
     if n is None or kept is None or saved.get("n_layers") is not None: return n
     if int(n) != len(kept):
-        raise ValueError(f"n_layers: {n} given, but the run being resumed keeps {len(kept)} teacher layers {kept}; drop --n-layers to continue it")
+        raise ValueError(f"n_layers: {n} given, but the run being resumed keeps {len(kept)} teacher layer{'s' * (len(kept) != 1)} "
+                         f"{kept}; drop --n-layers to continue it")
     return None
 
 def config_from_args(argv:list[str], # the arguments after `kdlit distill`
