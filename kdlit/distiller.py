@@ -22,7 +22,7 @@ from fastcore.basics import patch
 
 from .losses import kd_loss, lm_loss, fused_kd_loss, DIVERGENCES
 from .schedules import TemperatureSchedule, Curriculum, DEFAULT_WEIGHTS, make_schedule, linear, cosine, combine
-from .safeguards import StepGuard, LogitRangeMonitor
+from .safeguards import StepGuard, LogitRangeMonitor, amp_scale
 from .metrics import perplexity, format_ppl, ppl_band, HealthMonitor
 from .models import check_pair
 
@@ -634,9 +634,9 @@ def _one_step(self: Distiller):
         self("after_clip")                                     # GuardCB: a non-finite norm sets `skipped` (no scaler)
     self.lr_used = self.opt.param_groups[0]["lr"]
     if not self.skipped:
-        s0 = self.scaler.get_scale() if self.scaler is not None and self.scaler.is_enabled() else None
-        self.opt.step()                                        # a GradScaler that skips an overflow backs its scale off:
-        self.skipped = bool(getattr(self.opt, "step_was_skipped", False)) or (s0 is not None and self.scaler.get_scale() < s0)
+        s0 = amp_scale(self.scaler)
+        self.opt.step()                                        # a GradScaler that skipped an overflow backed its scale off
+        self.skipped = bool(getattr(self.opt, "step_was_skipped", False)) or (s0 is not None and amp_scale(self.scaler) < s0)
     self("after_opt_step")                                     # GuardCB: closes the step (may raise TrainingDiverged)
     if not self.skipped: self.sched.step()
     self.step += 1

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from .distiller import Distiller, LossSource, LogitsKD, FusedKD, count_tokens, use_fused, eval_model, Recipe, _fingerprint, plain_for_saving
-from .safeguards import StepGuard
+from .safeguards import StepGuard, amp_scale
 from .metrics import format_ppl
 from .models import check_pair
 
@@ -164,7 +164,7 @@ def _guard_grads(self: KDMixin):
     "Check the (clipped) gradient norm; on any anomaly of this step drop every gradient, so the optimizer moves nothing."
     params = [p for p in self.model.parameters() if p.requires_grad] + self.component_parameters()
     scaler = self.accelerator.scaler
-    self._scale0 = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None   # `_end_step` compares
+    self._scale0 = amp_scale(scaler)                           # `_end_step` compares: a skipped overflow backs it off
     if not self.skipped:
         grads = [p.grad for p in params if p.grad is not None]
         gn = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
@@ -179,8 +179,8 @@ def _guard_grads(self: KDMixin):
 def _end_step(self: KDMixin):
     "Close the step in the guard (may raise `TrainingDiverged`), keep the LR where it was after a skip, record the row."
     step, skipped, acc_skip = self.state.global_step - 1, self.skipped, self.accelerator.optimizer_step_was_skipped
-    s0, self._scale0 = getattr(self, "_scale0", None), None   # a GradScaler that skips an overflow backs its scale off; a fused
-    by_scaler = acc_skip or (s0 is not None and self.accelerator.scaler.get_scale() < s0)   # optimizer it steps all the same
+    s0, self._scale0 = getattr(self, "_scale0", None), None   # Accelerate misses the skip of a fused optimizer: see `amp_scale`
+    by_scaler = acc_skip or (s0 is not None and amp_scale(self.accelerator.scaler) < s0)
     advance = self.guard.end_step(step, skipped=skipped or by_scaler)
     s = self.lr_scheduler
     if not advance and not acc_skip and s is not None:   # the Trainer stepped the schedule: take that step back

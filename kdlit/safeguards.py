@@ -12,7 +12,7 @@ from html import escape
 import torch
 
 # %% auto #0
-__all__ = ['Anomaly', 'TrainingDiverged', 'max_abs_logit', 'anomaly_table', 'StepGuard', 'LogitRangeMonitor']
+__all__ = ['Anomaly', 'TrainingDiverged', 'max_abs_logit', 'anomaly_table', 'amp_scale', 'StepGuard', 'LogitRangeMonitor']
 
 # %% ../nbs/03_fp16.ipynb #ded7282d
 @dataclass
@@ -69,6 +69,12 @@ def anomaly_table(anomalies, html=False) -> str:
         return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
     w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(_HEAD)]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in [list(_HEAD), *rows])
+
+def amp_scale(scaler) -> float | None:
+    """The GradScaler's scale now, or None without an enabled one. A step it skipped for an overflow shows as the scale
+    backing off — also with a fused optimizer, which the scaler steps all the same (the kernel skips the update)."""
+    return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+
 
 # %% ../nbs/03_fp16.ipynb #44145bcd
 class StepGuard:
