@@ -365,16 +365,16 @@ REUSE_BUFFERS = True        # keep a freed gradient buffer for the next call (se
 _POOL, _POOL_LOCK = [], threading.RLock()    # idle mappings, newest last
 
 def _release(m):
-    "Finalizer of a gradient's lease: its mapping is idle; keep it (at most two) while REUSE_BUFFERS."
+    "Finalizer of a buffer's lease: its mapping is idle; keep it (at most two) while REUSE_BUFFERS."
     with _POOL_LOCK:
         if REUSE_BUFFERS: _POOL.append(m); del _POOL[:-2]
 
 def _grad_buffer(shape, dtype, device):
-    "Uninitialised memory for a gradient: an idle pooled mapping, else a fresh one, pooled again once no tensor uses it."
+    "Uninitialised memory for a gradient: the smallest idle pooled mapping that fits, else a fresh one, pooled again once no tensor uses it."
     n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     with _POOL_LOCK:
-        i = next((i for i, m in enumerate(_POOL) if len(m) >= n), None)
-        m = _POOL.pop(i) if i is not None else None
+        fits = [i for i, m in enumerate(_POOL) if len(m) >= n]
+        m = _POOL.pop(min(fits, key=lambda i: len(_POOL[i]))) if fits else None
     if m is None: m = _new_mapping(n, device)
     if m is None: return torch.empty(shape, dtype=dtype, device=device)
     return _on_mapping(m, shape, dtype, _release)
@@ -601,8 +601,8 @@ class _FusedKD(torch.autograd.Function):
         n = N if idx is None else idx.numel(); k = max(1, min(a.rows, n))
         gh = _empty_big(h2.shape, h.dtype, dev, zero=idx is not None) if ctx.needs_input_grad[0] else None
         gW = (torch.empty if n else torch.zeros)(W.shape, dtype=cdt, device=dev) if ctx.needs_input_grad[1] else None
-        S = torch.empty(k, V, dtype=cdt, device=dev)
-        Tb = torch.empty(k, tW.shape[0], dtype=cdt, device=dev) if th is not None else None
+        S = _grad_buffer((k, V), cdt, dev)                 # pooled, as the gradients: see "The gradient buffer"
+        Tb = _grad_buffer((k, tW.shape[0]), cdt, dev) if th is not None else None
         th2, tl2 = (None if x is None else x.detach().reshape(-1, x.shape[-1]) for x in (th, tl))
         sp, y2 = a.spec._replace(scale=a.kd_w * T / a.denom), None if y is None else y.reshape(-1)
         kd_tot = lm_tot = torch.zeros((), dtype=torch.float64, device=dev)
@@ -895,43 +895,44 @@ class _SparseArgs(NamedTuple):
     def lm_scale(self): return self.lm_w / self.denom             # the CE gradient is lm_scale·(softmax − onehot)
 
 def _sparse_redo(S, tg, y, a, bad):
-    "(kd rows, ce rows, gradient) of rows `bad` of a block by the log-space reference and autograd."
+    "(kd rows, ce rows, gradient) of rows `bad` of a block by the log-space reference and autograd; `tg`: those rows' targets."
     x = S[bad].clone().requires_grad_()
     with torch.enable_grad():
-        kd = _sparse_rows(_logprobs(x[:, :a.vocab], a.T), tg.rows(bad), a.T, a.divergence)
+        kd = _sparse_rows(_logprobs(x[:, :a.vocab], a.T), tg, a.T, a.divergence)
         ce = F.cross_entropy(x, y[bad], reduction="none") if y is not None else torch.zeros_like(kd)
         g, = torch.autograd.grad(a.kd_scale * a.T * kd.sum() + a.lm_scale * ce.sum(), x)
     return kd.detach(), ce.detach(), g
 
 # %% ../nbs/00_kd_loss.ipynb #9a6bdd73
-def _sparse_block(S, tg, y, a, E, E1):
-    """Σ D̂ and Σ CE (float64) of logits `S` [m, V] against flat targets `tg` and labels `y` (or None) of the same rows;
-    writes a.kd_scale·(q − target) + a.lm_scale·(softmax − onehot) over `S`. `E`, `E1`: scratch [≥ m, vocab], [≥ m, V]."""
-    m, vs, ids = S.shape[0], a.vocab, tg.ids.long()
-    Sk, E, (w, lp, lpR, HR) = S[:, :vs], E[:m], _target_at(tg, a.T)
-    mx = S.amax(1, keepdim=True)
-    torch.add(mx * (-1 / a.T), Sk, alpha=1 / a.T, out=E).exp_()                # e = exp((s − max)/T): two passes
-    EK, lq = E.gather(1, ids), (Sk.gather(1, ids) - mx) / a.T
-    if lpR is not None: E.scatter_(1, ids, 0.); ER = E.sum(1); Z = ER + EK.sum(1)   # the tail exactly, then Z
-    else: Z = E.sum(1)
-    lZ = Z.log(); lq = lq - lZ[:, None]
+def _softmax(x, out):
+    "softmax over the last dim of `x` into `out` (which may be `x`): one fused pass per row, no temporary."
+    return torch.ops.aten._softmax.out(x, -1, False, out=out)
+
+def _sparse_block(S, tt, redo_tg, y, a, E, E1):
+    """Σ D̂ and Σ CE (float64) of logits `S` [m, V] against the targets at T of the same rows, `tt` = (ids, w, lp, lpR, HR),
+    and labels `y` (or None); writes a.kd_scale·(q − target) + a.lm_scale·(softmax − onehot) over `S`. `redo_tg(bad)`: flat
+    targets of rows `bad`, for the reference. `E`, `E1`: scratch [≥ m, vocab], [≥ m, V]."""
+    m, vs, (ids, w, lp, lpR, HR) = S.shape[0], a.vocab, tt
+    Sk, E = S[:, :vs], E[:m]
+    _softmax(torch.mul(Sk, 1 / a.T, out=E), E)                                  # q = softmax(s/T)
+    qK = E.gather(1, ids); lq = qK.log()
+    if lpR is not None: E.scatter_(1, ids, 0.); qR = E.sum(1)                   # the tail's mass, kept entries zeroed
     rows = _wdiff(w, lp, lq).sum(-1) if a.divergence == "forward_kl" else -_wdiff(w, lq, torch.zeros_like(lq)).sum(-1)
     if lpR is not None:
-        pR, lqR = lpR.exp(), ER.log() - lZ
+        pR, lqR = lpR.exp(), qR.log()
         rows = rows + (_wdiff(pR, lpR, lqR) if a.divergence == "forward_kl" else pR * HR - _wdiff(pR, lqR, torch.zeros_like(lqR)))
     ce = torch.zeros_like(rows)
-    if y is not None:                                                             # CE at T = 1: its own exponential
-        E1 = torch.sub(S, mx, out=E1[:m]).exp_(); Z1 = E1.sum(1)
-        ce = Z1.log() + mx[:, 0] - S.gather(1, y[:, None])[:, 0]
-    bad = (~torch.isfinite(rows) | ~torch.isfinite(ce)).nonzero()[:, 0]
-    redo = _sparse_redo(S, tg, y, a, bad) if len(bad) else None                   # while the logits are intact
+    if y is not None:                                                             # CE at T = 1: its own softmax
+        E1 = _softmax(S, E1[:m]); ce = -E1.gather(1, y[:, None])[:, 0].log()
+    bad = (~torch.isfinite(rows) | ~torch.isfinite(ce)).nonzero()[:, 0]          # incl. a kept q or the tail underflowing
+    redo = _sparse_redo(S, redo_tg(bad), y, a, bad) if len(bad) else None        # while the logits are intact
     if lpR is not None:
-        c = 1 / Z - torch.where(pR > 0, pR / ER, 0.)                              # the tail's factor (no tail: 1/Z)
-        torch.mul(E, (c * a.kd_scale)[:, None], out=Sk); Sk.scatter_(1, ids, (EK / Z[:, None] - w) * a.kd_scale)
-    else: torch.mul(E, (a.kd_scale / Z)[:, None], out=Sk); Sk.scatter_add_(1, ids, -w * a.kd_scale)
+        c = 1 - torch.where(pR > 0, pR / qR, 0.)                                  # the tail's factor (no tail: 1)
+        torch.mul(E, (c * a.kd_scale)[:, None], out=Sk); Sk.scatter_(1, ids, (qK - w) * a.kd_scale)
+    else: torch.mul(E, a.kd_scale, out=Sk); Sk.scatter_add_(1, ids, -w * a.kd_scale)
     if vs < S.shape[1]: S[:, vs:] = 0
     if y is not None and a.lm_scale:
-        S.addcmul_(E1, (a.lm_scale / Z1)[:, None]); S.scatter_add_(1, y[:, None], S.new_full((m, 1), -a.lm_scale))
+        S.add_(E1, alpha=a.lm_scale); S.scatter_add_(1, y[:, None], S.new_full((m, 1), -a.lm_scale))
     if redo is not None: rows[bad], ce[bad], S[bad] = redo
     return rows.double().sum(), ce.double().sum()
 
@@ -946,16 +947,18 @@ class _FusedSparse(torch.autograd.Function):
         n = N if idx is None else idx.numel(); k = max(1, min(a.rows, n)); sub = min(k, _auto_chunk(V))
         gh = _empty_big(h2.shape, h.dtype, dev, zero=idx is not None) if ctx.needs_input_grad[0] else None
         gW = (torch.empty if n else torch.zeros)(W.shape, dtype=cdt, device=dev) if ctx.needs_input_grad[1] else None
-        S, E, E1 = (torch.empty(r, c, dtype=cdt, device=dev) for r, c in ((k, V), (sub, a.vocab), (sub, V)))
+        S, (E, E1) = _grad_buffer((k, V), cdt, dev), (torch.empty(r, c, dtype=cdt, device=dev) for r, c in ((sub, a.vocab), (sub, V)))
         y2 = None if y is None else y.reshape(-1)
         kd_tot = lm_tot = torch.zeros((), dtype=torch.float64, device=dev)
         for i in range(0, n, k):
             r = torch.arange(i, min(i + k, n), device=dev) if idx is None else idx[i:i + k]
             hc = h2.index_select(0, r) if idx is not None else h2[i:i + k]; m = hc.shape[0]
             Sc = _mm(hc, Wd.t(), S[:m])
+            tb = tg.rows(r); ids, *tt = tb.ids.long(), *_target_at(tb, a.T)    # the block's targets at T, once
             for j in range(0, m, sub):
-                rj = r[j:j + sub]
-                kd_b, lm_b = _sparse_block(Sc[j:j + sub], tg.rows(rj), None if y2 is None else y2[rj], a, E, E1)
+                rj, cut = r[j:j + sub], (lambda x: None if x is None else x[j:j + sub])
+                kd_b, lm_b = _sparse_block(Sc[j:j + sub], [cut(x) for x in (ids, *tt)], lambda bad: tb.rows(bad + j),
+                                           None if y2 is None else y2[rj], a, E, E1)
                 kd_tot, lm_tot = kd_tot + kd_b, lm_tot + lm_b
             _head_grads(Sc if Sc.dtype == W.dtype else Sc.to(W.dtype), hc, Wd, gh, gW, None if idx is None else r, i)
         ctx.save_for_backward(gh, None if gW is None else gW.to(W.dtype))
