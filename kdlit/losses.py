@@ -10,7 +10,8 @@ __all__ = ['DIVERGENCES', 'REUSE_BUFFERS', 'FusedKDOutput', 'FUSED_CHUNK', 'SPAR
            'sparse_targets', 'sparse_kd_loss', 'fused_sparse_kd_loss']
 
 # %% ../nbs/00_kd_loss.ipynb #9a70493c
-import ctypes, math, mmap, numbers, threading, weakref
+import ctypes, math, mmap, numbers, os, threading, weakref
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import NamedTuple
 import torch
@@ -261,7 +262,7 @@ def _ce_grad(ce, p, m, V, E, cst, col):
 
 # %% ../nbs/00_kd_loss.ipynb #75f5be87
 def _sweep(job, pieces, st, cst, fixed):
-    "The sweep over `pieces`: row sums into `st`, CE sums into `cst`, reference values of redone rows into `fixed`."
+    "One thread's share of a sweep: row sums into `st`, CE sums into `cst`, reference values of redone rows into `fixed`."
     sp, k, V, kern = job.spec, job.rows, job.s.shape[1], _KERNELS[job.spec.divergence]
     new = lambda cols: torch.empty(k, cols, dtype=st.dtype, device=st.device)
     B, c = [new(V) for _ in range(kern.buffers)], [new(1) for _ in range(3)]
@@ -285,6 +286,38 @@ def _sweep(job, pieces, st, cst, fixed):
                 if gbuf is not None: job.grad.index_copy_(0, job.s_idx[p:p + m], gb)
             if job.ce is not None: _ce_grad(job.ce, p, m, V, E[:m], cst, cm[2])
 
+# %% ../nbs/00_kd_loss.ipynb #7cc083ee
+def _find_omp():
+    "`omp_set_num_threads` of the OpenMP runtime torch runs on (found in this process's mappings, Linux), or None."
+    try:
+        with open("/proc/self/maps") as f: lib = next(l.split()[-1] for l in f if any(k in l for k in ("libgomp", "libiomp", "libomp")))
+        return ctypes.CDLL(lib).omp_set_num_threads
+    except (OSError, StopIteration, AttributeError): return None
+
+_OMP = _find_omp()
+_POOLS, _POOLS_LOCK = {}, threading.Lock()
+
+def _forget_pools():
+    "In a forked child the parent's pool threads do not exist: start afresh."
+    global _POOLS, _POOLS_LOCK
+    _POOLS, _POOLS_LOCK = {}, threading.Lock()
+if hasattr(os, "register_at_fork"): os.register_at_fork(after_in_child=_forget_pools)
+
+def _one_thread():
+    "A pool thread's start: torch's per-thread setup first (it would undo what follows), then OpenMP on one thread, for this thread only."
+    torch.get_num_threads(); _OMP(1)
+
+def _pool(workers):
+    "The sweep threads (created once per size, kept for the process's life)."
+    with _POOLS_LOCK:
+        if workers not in _POOLS: _POOLS[workers] = ThreadPoolExecutor(workers, "kdlit-loss", _one_thread)
+        return _POOLS[workers]
+
+def _workers(device, blocks):
+    "Threads for a sweep: the caller's torch thread count on CPU (at most one per block); 1 without per-thread OpenMP control."
+    if torch.device(device).type != "cpu" or _OMP is None: return 1
+    return max(1, min(torch.get_num_threads(), blocks))
+
 # %% ../nbs/00_kd_loss.ipynb #2e7ce1ec
 def _kd_blocks(job):
     "(Σ D, Σ CE or None) over the job's positions, in float64; writes the gradients the job asks for (see `_Job`)."
@@ -294,7 +327,11 @@ def _kd_blocks(job):
     if pieces is None: pieces = [(p, None, None, min(job.rows, n - p)) for p in range(0, n, job.rows)]
     st = torch.zeros(3, n, 1, dtype=cdt, device=dev)      # zeros: a kernel may fill fewer than three sums
     cst = torch.empty(3, n, 1, dtype=torch.float32, device=dev) if job.ce is not None else None
-    fixed = []; _sweep(job, pieces, st, cst, fixed)
+    fixed, workers = [], _workers(dev, len(pieces))
+    if workers == 1: _sweep(job, pieces, st, cst, fixed)
+    else:
+        cut = [len(pieces) * w // workers for w in range(workers + 1)]
+        list(_pool(workers).map(lambda w: _sweep(job, pieces[cut[w]:cut[w + 1]], st, cst, fixed), range(workers)))
     D = _KERNELS[job.spec.divergence].rows(job.spec, *st.double()[..., 0])
     for pos, d in fixed: D[pos] = d.double()
     if job.ce is None: return D.sum(), None

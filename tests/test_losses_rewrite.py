@@ -43,7 +43,7 @@ def test_chunk_size_none_is_cache_sized_on_cpu(monkeypatch):
 def test_no_thread_count_is_changed_while_a_loss_runs(monkeypatch):
     "No library call flips torch's thread count: set_num_threads is never called, and another thread sees its own count."
     calls, before = [], torch.get_num_threads()
-    torch.set_num_threads(2)                                 # torch on two threads
+    torch.set_num_threads(2)                                 # the pool path
     monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
     old = torch.get_num_threads()
     seen, stop = [], threading.Event()
@@ -60,6 +60,17 @@ def test_no_thread_count_is_changed_while_a_loss_runs(monkeypatch):
         stop.set(); w.join(); monkeypatch.undo(); torch.set_num_threads(before)
     assert calls == [] and old == 2
     assert seen and set(seen) == {seen[0]}
+
+
+def test_pool_threads_run_one_openmp_thread_each_and_the_caller_keeps_its_own():
+    if losses._OMP is None: pytest.skip("no per-thread OpenMP control here")
+    main = torch.get_num_threads()
+    pool = losses._pool(2)
+    assert list(pool.map(lambda _: torch.get_num_threads(), range(2))) == [1, 1]
+    assert torch.get_num_threads() == main
+    other = []
+    th = threading.Thread(target=lambda: other.append(torch.get_num_threads())); th.start(); th.join()
+    assert other == [main]
 
 
 @pytest.mark.parametrize("div", DIVERGENCES)
@@ -137,14 +148,16 @@ def test_one_kernel_tier_and_a_fixed_table():
         assert not hasattr(losses, name), name
 
 
-def test_a_forked_child_computes_the_loss():
-    "A loss in a forked child (a DataLoader worker, say) after the parent ran losses on two threads: the parent's value, no hang."
+def test_a_forked_child_gets_its_own_pool():
+    "The parent's pool threads do not exist in a forked child: a loss there must not wait on them."
     import multiprocessing as mp
-    if "fork" not in mp.get_all_start_methods(): pytest.skip("needs fork")
+    if losses._OMP is None or "fork" not in mp.get_all_start_methods(): pytest.skip("needs fork and the pool")
     old = torch.get_num_threads(); torch.set_num_threads(2)
     try:
         s, t = _logits(0, (32, 500)), _logits(1, (32, 500))
-        kd_loss(s, t, chunk_size=2)                          # the parent's threads have run
+        kd_loss(s, t, chunk_size=2)                          # the parent's pool exists now
+        both = threading.Barrier(2)
+        list(losses._pool(2).map(lambda _: both.wait(timeout=10), range(2)))   # with both its threads started, idle
         ctx = mp.get_context("fork")
         with ctx.Pool(1) as p:
             r = p.apply_async(_child_loss, (s, t))
