@@ -183,3 +183,31 @@ def test_finite_logits_never_take_the_reference_fallback(div, monkeypatch):
     s, t = s.clone(), t.clone(); s[3, :7] = t[3, :7] = -math.inf   # and a row that needs it does take it (0·∞)
     kd_loss(s.requires_grad_(), t, temperature=2.0, divergence=div, chunk_size=4).backward()
     assert calls
+
+
+@pytest.mark.parametrize("method", ["tail_grid", "topk"])
+def test_fused_sparse_rows_whose_softmax_underflows_equal_the_unfused_loss(method, monkeypatch):
+    """fp32 rows where a kept token's q (T = 1) and a label's softmax underflow to 0 from finite logits: the fused sparse loss
+    sends them to the log-space reference, so value and gradients equal the unfused computation in float64."""
+    from kdlit.losses import fused_sparse_kd_loss, sparse_kd_loss, sparse_targets, lm_loss
+    torch.manual_seed(0)
+    h, W, t = torch.randn(2, 7, 8), torch.randn(30, 8) * 0.5, torch.randn(2, 7, 30) * 2
+    tg = sparse_targets(t, method, 5, dtype=torch.float32)
+    y = torch.randint(0, 30, (2, 7))
+    h[0, 3] = 0.; h[0, 3, 0] = 1.; W[:, 0] = 0.; W[0, 0] = 200.              # row (0, 3): token 0 at 200, all else at 0
+    k_id = int(tg.ids[0, 3, 0]) if int(tg.ids[0, 3, 0]) != 0 else int(tg.ids[0, 3, 1])
+    y[0, 3] = k_id                                                          # its label: a token at e^-200 (0 in fp32)
+    redone, real = [], losses._sparse_redo
+    monkeypatch.setattr(losses, "_sparse_redo", lambda S, tg_, y_, a, bad: redone.append(bad.tolist()) or real(S, tg_, y_, a, bad))
+    h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+    out = fused_sparse_kd_loss(h1, W1, tg, y, temperature=1.0, kd_weight=0.6, lm_weight=0.4, chunk_size=4)
+    assert redone and redone[0] == [3]     # that row went to the reference (others, with token 0 far above the rest, may too)
+    out.loss.backward()
+    h2, W2 = h.double().requires_grad_(), W.double().requires_grad_()
+    z = h2 @ W2.T
+    ref = 0.6 * sparse_kd_loss(z, tg, y, temperature=1.0) + 0.4 * lm_loss(z, y)
+    ref.backward()
+    assert torch.isfinite(out.loss) and out.lm > 10                        # the e^-200 label is valued, not lost
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h1.grad.double(), h2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(W1.grad.double(), W2.grad, rtol=1e-4, atol=1e-5)
