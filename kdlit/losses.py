@@ -448,22 +448,31 @@ def _number(name, x, lo=-math.inf, hi=math.inf, lo_open=False):
         raise ValueError(f"{name} must be a finite number in {rng}, got {x!r}")
     return float(x)
 
+def _int(name, x, lo=-math.inf, hi=math.inf, none=False):
+    "`x` as an int in [lo, hi] (or None, with `none`), or a ValueError naming `name` and the value received."
+    if none and x is None: return None
+    if isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi:
+        rng = "" if lo == -math.inf else f" >= {lo}" if hi == math.inf else f" in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {'None or ' if none else ''}an int{rng}, got {x!r}")
+    return x
+
 def _check_logits(name, x):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
         what = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a floating-point tensor of shape [..., vocab], got {what}")
 
-def _valid_rows(labels, lead, ignore_index, device):
-    "(indices of valid rows or None when all are valid, count) after checking `labels`."
-    n = math.prod(lead)
+def _valid_rows(labels, lead, ignore_index, device, V=None):
+    "(indices of valid rows or None when all are valid, count) after checking `labels` (given `V`: valid ones in [0, V))."
+    n = math.prod(lead); _int("ignore_index", ignore_index)
     if labels is None: return None, n
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
     if tuple(labels.shape) != tuple(lead):
         raise ValueError(f"labels must have the logits' leading shape {tuple(lead)}, got {tuple(labels.shape)}")
     if labels.device != device: raise ValueError(f"labels must be on {device}, got {labels.device}")
-    valid = labels.reshape(-1) != ignore_index
-    idx = valid.nonzero()[:, 0]
+    idx = (labels.reshape(-1) != ignore_index).nonzero()[:, 0]
+    if V is not None and idx.numel() and ((y := labels.reshape(-1)[idx]).min() < 0 or y.max() >= V):
+        raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}, got values in [{y.min().item()}, {y.max().item()}]")
     return (None if idx.numel() == n else idx), idx.numel()
 
 def _divisor(num_items, n_valid):
@@ -471,6 +480,19 @@ def _divisor(num_items, n_valid):
     d = _number("num_items", num_items, lo=0)
     if d == 0 and n_valid > 0: raise ValueError(f"num_items must be > 0 when there are valid positions ({n_valid}), got {num_items!r}")
     return max(d, 1.)
+
+def _kd_spec(temperature, divergence, beta, skew):
+    "The KD term's settings, checked, as a `_Spec`."
+    if divergence not in DIVERGENCES: raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    T = _number("temperature", temperature, lo=0, lo_open=True)
+    return _spec(divergence, T, _number("beta", beta, 0, 1), _number("skew", skew, 0, 1))
+
+def _shared_vocab(vocab_size, Vs, Vt, names=("student_logits", "teacher_logits")):
+    "The KD term's vocab size: `vocab_size` (at most either side's), or the one both sides have."
+    if vocab_size is None and Vs != Vt:
+        raise ValueError(f"vocab sizes differ ({names[0]} {Vs}, {names[1]} {Vt}); "
+                         f"pass vocab_size= the shared size to slice both to, e.g. vocab_size={min(Vs, Vt)}")
+    return Vs if vocab_size is None else _int("vocab_size", vocab_size, 1, min(Vs, Vt))
 
 # %% ../nbs/00_kd_loss.ipynb #88cd7bcc
 def kd_loss(student_logits:torch.Tensor, # student logits `[..., V]`, any float dtype; receives the gradient
@@ -498,35 +520,24 @@ def kd_loss(student_logits:torch.Tensor, # student logits `[..., V]`, any float 
     tensor(0.)
     """
     _check_logits("student_logits", student_logits); _check_logits("teacher_logits", teacher_logits)
-    T = _number("temperature", temperature, lo=0, lo_open=True)
-    if divergence not in DIVERGENCES: raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    beta, skew = _number("beta", beta, 0, 1), _number("skew", skew, 0, 1)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int): raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0):
-        raise ValueError(f"chunk_size must be None or an int >= 0, got {chunk_size!r}")
+    sp, rows = _kd_spec(temperature, divergence, beta, skew), _int("chunk_size", chunk_size, 0, none=True)
     lead, Vs, Vt = student_logits.shape[:-1], student_logits.shape[-1], teacher_logits.shape[-1]
     if teacher_logits.shape[:-1] != lead:
         raise ValueError(f"teacher_logits must have the student's leading shape {tuple(lead)}, got {tuple(teacher_logits.shape[:-1])}")
     if teacher_logits.device != student_logits.device:
         raise ValueError(f"teacher_logits must be on the student's device {student_logits.device}, got {teacher_logits.device}")
-    if vocab_size is None:
-        if Vs != Vt: raise ValueError(f"vocab sizes differ (student_logits {Vs}, teacher_logits {Vt}); "
-                                      f"pass vocab_size= the shared size to slice both to, e.g. vocab_size={min(Vs, Vt)}")
-        vs = Vs
-    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(Vs, Vt):
-        raise ValueError(f"vocab_size must be an int in [1, {min(Vs, Vt)}] (the smaller vocab), got {vocab_size!r}")
-    else: vs = vocab_size
+    vs, T = _shared_vocab(vocab_size, Vs, Vt), sp.T
     idx, n_valid = _valid_rows(labels, lead, ignore_index, student_logits.device)
     denom = _divisor(num_items, n_valid)
     s, t = student_logits.reshape(-1, Vs), teacher_logits.detach().reshape(-1, Vt)
-    if chunk_size == 0:
+    if rows == 0:
         if idx is not None: s, t = s.index_select(0, idx), t.index_select(0, idx)
-        rows = _divergence_rows(_logprobs(s[:, :vs], T), _logprobs(t[:, :vs], T), divergence, beta, skew)
-        return rows.sum() * (T * T / denom)
+        D = _divergence_rows(_logprobs(s[:, :vs], T), _logprobs(t[:, :vs], T), sp.divergence, sp.beta, sp.skew)
+        return D.sum() * (T * T / denom)
     if inplace_backward:                     # only where the logits can be viewed as rows; else the normal path
         try: s = student_logits.view(-1, Vs)
         except RuntimeError: inplace_backward = False
-    args = _LossArgs(_spec(divergence, T, beta, skew), vs, denom, chunk_size or _auto_rows(vs, s.device), bool(inplace_backward))
+    args = _LossArgs(sp, vs, denom, rows or _auto_rows(vs, s.device), bool(inplace_backward))
     return _KDLoss.apply(s, t, idx, args)
 
 # %% ../nbs/00_kd_loss.ipynb #3cc98309
@@ -545,14 +556,11 @@ def lm_loss(logits:torch.Tensor, # student logits `[..., V]`
     """
     _check_logits("logits", logits)
     if labels is None: raise ValueError("labels must be an integer tensor, got None")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int): raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     V = logits.shape[-1]
-    idx, n_valid = _valid_rows(labels, logits.shape[:-1], ignore_index, logits.device)
+    idx, n_valid = _valid_rows(labels, logits.shape[:-1], ignore_index, logits.device, V)
     denom = _divisor(num_items, n_valid)
     x, y = logits.reshape(-1, V), labels.reshape(-1)
     if idx is not None: x, y = x.index_select(0, idx), y.index_select(0, idx)
-    if y.numel() and (y.min() < 0 or y.max() >= V):
-        raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}, got values in [{y.min().item()}, {y.max().item()}]")
     return F.cross_entropy(x.to(torch.promote_types(x.dtype, torch.float32)), y, reduction="sum") / denom
 
 # %% ../nbs/00_kd_loss.ipynb #0ca32863
@@ -568,6 +576,17 @@ class _FusedArgs(NamedTuple):
     denom: float
     rows: int                  # rows per block of logits
     vocab: int                 # the KD term's vocab size
+
+def _fused_checks(h, W, labels, kd_weight, lm_weight, ignore_index, num_items, chunk_size):
+    "The two fused losses' common checks: (kd_w, lm_w, valid rows or None, divisor, rows per block)."
+    for name, x in (("student_hidden", h), ("lm_head_weight", W)): _check_logits(name, x)
+    if W.ndim != 2 or W.shape[1] != h.shape[-1]:
+        raise ValueError(f"lm_head_weight must be [V, {h.shape[-1]}] (the hidden size), got {tuple(W.shape)}")
+    kd_w, lm_w = _number("kd_weight", kd_weight), _number("lm_weight", lm_weight)
+    if labels is None and lm_w != 0: raise ValueError("labels must be given when lm_weight != 0 (the CE term needs them), got None")
+    rows = _int("chunk_size", chunk_size, 1, none=True) or FUSED_CHUNK
+    idx, n_valid = _valid_rows(labels, h.shape[:-1], ignore_index, h.device, W.shape[0])
+    return kd_w, lm_w, idx, _divisor(num_items, n_valid), rows
 
 def _mm(a, b, out):
     "out = a @ b, computed in the operands' dtype."
@@ -674,31 +693,11 @@ def fused_kd_loss(student_hidden:torch.Tensor, # student's last hidden states `[
     >>> torch.allclose(out.loss, 0.5 * out.kd + 0.5 * out.lm)
     True
     """
-    for name, x in (("student_hidden", student_hidden), ("lm_head_weight", lm_head_weight)): _check_logits(name, x)
-    H, V = student_hidden.shape[-1], lm_head_weight.shape[0]
-    if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != H:
-        raise ValueError(f"lm_head_weight must be [V, {H}] (the hidden size), got {tuple(lm_head_weight.shape)}")
-    lead = student_hidden.shape[:-1]
-    th, tW, tl, Vt = _fused_teacher(teacher, lead)
-    T = _number("temperature", temperature, lo=0, lo_open=True)
-    if divergence not in DIVERGENCES: raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    beta, skew = _number("beta", beta, 0, 1), _number("skew", skew, 0, 1)
-    kd_w, lm_w = _number("kd_weight", kd_weight), _number("lm_weight", lm_weight)
-    if labels is None and lm_w != 0: raise ValueError("labels must be given when lm_weight != 0 (the CE term needs them), got None")
-    if vocab_size is None:
-        if V != Vt: raise ValueError(f"vocab sizes differ (student head {V}, teacher {Vt}); pass vocab_size={min(V, Vt)}")
-        vs = V
-    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= min(V, Vt):
-        raise ValueError(f"vocab_size must be an int in [1, {min(V, Vt)}], got {vocab_size!r}")
-    else: vs = vocab_size
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    idx, n_valid = _valid_rows(labels, lead, ignore_index, student_hidden.device)
-    if labels is not None and n_valid:
-        yv = labels.reshape(-1) if idx is None else labels.reshape(-1)[idx]
-        if yv.min() < 0 or yv.max() >= V: raise ValueError(f"labels must be in [0, {V}) or ignore_index, got values in [{yv.min().item()}, {yv.max().item()}]")
-    denom = _divisor(num_items, n_valid)
-    args = _FusedArgs(_spec(divergence, T, beta, skew), kd_w, lm_w, denom, chunk_size or FUSED_CHUNK, vs)
+    kd_w, lm_w, idx, denom, rows = _fused_checks(student_hidden, lm_head_weight, labels, kd_weight, lm_weight,
+                                                 ignore_index, num_items, chunk_size)
+    th, tW, tl, Vt = _fused_teacher(teacher, student_hidden.shape[:-1])
+    vs = _shared_vocab(vocab_size, lm_head_weight.shape[0], Vt, ("student head", "teacher"))
+    args = _FusedArgs(_kd_spec(temperature, divergence, beta, skew), kd_w, lm_w, denom, rows, vs)
     return FusedKDOutput(*_FusedKD.apply(student_hidden, lm_head_weight, th, tW, tl, labels, idx, args))
 
 # %% ../nbs/00_kd_loss.ipynb #c66feae7
@@ -757,7 +756,7 @@ def sparse_targets(teacher_logits:torch.Tensor, # teacher logits `[..., V]`
     if method not in SPARSE_METHODS: raise ValueError(f"method must be one of {SPARSE_METHODS}, got {method!r}")
     V = teacher_logits.shape[-1]
     hi = math.inf if method == "sample" else V       # draws may repeat; kept tokens may not
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= hi: raise ValueError(f"k must be an int in [1, {hi}], got {k!r}")
+    _int("k", k, 1, hi)
     temps = DEFAULT_TEMPS[method] if temps is None else tuple(_number("temperature", T, lo=0, lo_open=True) for T in temps)
     if method == "topk": temps = ()
     elif not temps or (method != "tail_grid" and len(temps) != 1):
@@ -866,12 +865,7 @@ def sparse_kd_loss(student_logits:torch.Tensor, # student logits `[..., V]`, any
         raise ValueError(f"divergence {divergence!r} has no sound sparse form: it needs the teacher's log-probability of every "
                          f"token the student puts mass on, which sparse targets keep for k tokens only; use one of {SPARSE_DIVERGENCES}")
     T = _number("temperature", temperature, lo=0, lo_open=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int): raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    lead, V = student_logits.shape[:-1], student_logits.shape[-1]
-    if vocab_size is not None:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= V:
-            raise ValueError(f"vocab_size must be an int in [1, {V}], got {vocab_size!r}")
-        V = vocab_size
+    lead, V = student_logits.shape[:-1], _shared_vocab(vocab_size, student_logits.shape[-1], student_logits.shape[-1])
     _check_targets(targets, lead, V)
     idx, n_valid = _valid_rows(labels, lead, ignore_index, student_logits.device)
     denom = _divisor(num_items, n_valid)
@@ -994,24 +988,12 @@ def fused_sparse_kd_loss(student_hidden:torch.Tensor, # student's last hidden st
     >>> torch.allclose(out.kd, sparse_kd_loss(h @ W.T, tg, y, temperature=2.0)), torch.allclose(out.lm, lm_loss(h @ W.T, y))
     (True, True)
     """
-    for name, x in (("student_hidden", student_hidden), ("lm_head_weight", lm_head_weight)): _check_logits(name, x)
-    H, V, lead = student_hidden.shape[-1], lm_head_weight.shape[0], student_hidden.shape[:-1]
-    if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != H:
-        raise ValueError(f"lm_head_weight must be [V, {H}] (the hidden size), got {tuple(lm_head_weight.shape)}")
+    kd_w, lm_w, idx, denom, rows = _fused_checks(student_hidden, lm_head_weight, labels, kd_weight, lm_weight,
+                                                 ignore_index, num_items, chunk_size)
     if divergence not in SPARSE_DIVERGENCES:
         raise ValueError(f"divergence {divergence!r} has no sound sparse form; use one of {SPARSE_DIVERGENCES}")
-    T = _number("temperature", temperature, lo=0, lo_open=True)
-    kd_w, lm_w = _number("kd_weight", kd_weight), _number("lm_weight", lm_weight)
-    if labels is None and lm_w != 0: raise ValueError("labels must be given when lm_weight != 0 (the CE term needs them), got None")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int): raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    vs = V if vocab_size is None else vocab_size
-    if isinstance(vs, bool) or not isinstance(vs, int) or not 1 <= vs <= V: raise ValueError(f"vocab_size must be an int in [1, {V}], got {vocab_size!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
-    _check_targets(targets, lead, vs)
-    idx, n_valid = _valid_rows(labels, lead, ignore_index, student_hidden.device)
-    if labels is not None and n_valid:
-        yv = labels.reshape(-1) if idx is None else labels.reshape(-1)[idx]
-        if yv.min() < 0 or yv.max() >= V: raise ValueError(f"labels must be in [0, {V}) or ignore_index, got values in [{yv.min().item()}, {yv.max().item()}]")
-    a = _SparseArgs(divergence, T, kd_w, lm_w, _divisor(num_items, n_valid), vs, chunk_size or FUSED_CHUNK)
+    T, V = _number("temperature", temperature, lo=0, lo_open=True), lm_head_weight.shape[0]
+    vs = _shared_vocab(vocab_size, V, V)
+    _check_targets(targets, student_hidden.shape[:-1], vs)
+    a = _SparseArgs(divergence, T, kd_w, lm_w, denom, vs, rows)
     return FusedKDOutput(*_FusedSparse.apply(student_hidden, lm_head_weight, targets.to(student_hidden.device).flat(), labels, idx, a))

@@ -211,3 +211,43 @@ def test_fused_sparse_rows_whose_softmax_underflows_equal_the_unfused_loss(metho
     torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h1.grad.double(), h2.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(W1.grad.double(), W2.grad, rtol=1e-4, atol=1e-5)
+
+
+def _four_entry_points():
+    "kd_loss, sparse_kd_loss, fused_kd_loss and fused_sparse_kd_loss on the same 2×3 positions, V = 10, as f(labels, **kw)."
+    from kdlit.losses import sparse_kd_loss, fused_sparse_kd_loss, sparse_targets
+    h, W, t = _logits(0, (2, 3, 4)), _logits(1, (10, 4)), _logits(2, (2, 3, 10))
+    s, tg = h @ W.T, sparse_targets(t, "tail_grid", k=3, dtype=torch.float32)
+    return {"kd_loss": lambda y, **kw: kd_loss(s, t, y, **kw),
+            "sparse_kd_loss": lambda y, **kw: sparse_kd_loss(s, tg, y, **kw),
+            "fused_kd_loss": lambda y, **kw: fused_kd_loss(h, W, t, y, **kw),
+            "fused_sparse_kd_loss": lambda y, **kw: fused_sparse_kd_loss(h, W, tg, y, **kw)}
+
+
+SHARED_BAD = [(dict(temperature=0.0), r"temperature must be a finite number in \(0, inf\], got 0.0"),
+              (dict(ignore_index=1.5), r"ignore_index must be an int, got 1.5"),
+              (dict(ignore_index=True), r"ignore_index must be an int, got True"),
+              (dict(vocab_size=11), r"vocab_size must be an int in \[1, 10\], got 11"),
+              (dict(vocab_size="8"), r"vocab_size must be an int in \[1, 10\], got '8'"),
+              (dict(num_items=-2), r"num_items must be a finite number in \[0, inf\], got -2"),
+              (dict(y=torch.tensor([[0, 1, 10], [2, -100, 3]])), r"labels must be in \[0, 10\) .* got values in \[0, 10\]"),
+              (dict(y=torch.zeros(2, 2, dtype=torch.long)), r"labels must have the logits' leading shape \(2, 3\), got \(2, 2\)")]
+
+
+@pytest.mark.parametrize("name", ["kd_loss", "sparse_kd_loss", "fused_kd_loss", "fused_sparse_kd_loss"])
+@pytest.mark.parametrize("bad,msg", SHARED_BAD)
+def test_the_four_losses_reject_a_shared_argument_with_the_same_line(name, bad, msg):
+    bad = dict(bad); y = bad.pop("y", torch.zeros(2, 3, dtype=torch.long))
+    if name in ("kd_loss", "sparse_kd_loss") and "labels must be in" in msg:   # the unfused losses never index by label
+        assert _four_entry_points()[name](y, **bad).isfinite(); return
+    with pytest.raises(ValueError, match=msg):
+        _four_entry_points()[name](y, **bad)
+
+
+@pytest.mark.parametrize("name,lo", [("kd_loss", 0), ("fused_kd_loss", 1), ("fused_sparse_kd_loss", 1)])
+def test_chunk_size_is_checked_alike(name, lo):
+    f = _four_entry_points()[name]; y = torch.zeros(2, 3, dtype=torch.long)
+    for bad in (lo - 1, 2.0, True):
+        with pytest.raises(ValueError, match=rf"chunk_size must be None or an int >= {lo}, got {bad!r}"): f(y, chunk_size=bad)
+    out = f(y, chunk_size=lo)                                  # kd_loss's 0: the autograd reference
+    assert (out if name == "kd_loss" else out.loss).isfinite()
