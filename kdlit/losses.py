@@ -829,6 +829,13 @@ def _check_targets(targets, lead, V):
         raise ValueError(f"targets.ids must be in [0, {V}) (the student's vocabulary), got values in "
                          f"[{targets.ids.min().item()}, {targets.ids.max().item()}]")
 
+def _sparse_T(temperature, divergence):
+    "The sparse losses' checked temperature, after checking that `divergence` has a sparse form."
+    if divergence not in SPARSE_DIVERGENCES:
+        raise ValueError(f"divergence {divergence!r} has no sound sparse form: it needs the teacher's log-probability of every "
+                         f"token the student puts mass on, which sparse targets keep for k tokens only; use one of {SPARSE_DIVERGENCES}")
+    return _number("temperature", temperature, lo=0, lo_open=True)
+
 def _sparse_rows(ls, tg, T, divergence):
     "Per-position sparse D from student log-probabilities `ls` [N, V] at T and flat targets `tg` (see the derivation)."
     w, lp, lpR, HR = _target_at(tg, T)
@@ -861,10 +868,7 @@ def sparse_kd_loss(student_logits:torch.Tensor, # student logits `[..., V]`, any
     True
     """
     _check_logits("student_logits", student_logits)
-    if divergence not in SPARSE_DIVERGENCES:
-        raise ValueError(f"divergence {divergence!r} has no sound sparse form: it needs the teacher's log-probability of every "
-                         f"token the student puts mass on, which sparse targets keep for k tokens only; use one of {SPARSE_DIVERGENCES}")
-    T = _number("temperature", temperature, lo=0, lo_open=True)
+    T = _sparse_T(temperature, divergence)
     lead, V = student_logits.shape[:-1], _shared_vocab(vocab_size, student_logits.shape[-1], student_logits.shape[-1])
     _check_targets(targets, lead, V)
     idx, n_valid = _valid_rows(labels, lead, ignore_index, student_logits.device)
@@ -990,9 +994,7 @@ def fused_sparse_kd_loss(student_hidden:torch.Tensor, # student's last hidden st
     """
     kd_w, lm_w, idx, denom, rows = _fused_checks(student_hidden, lm_head_weight, labels, kd_weight, lm_weight,
                                                  ignore_index, num_items, chunk_size)
-    if divergence not in SPARSE_DIVERGENCES:
-        raise ValueError(f"divergence {divergence!r} has no sound sparse form; use one of {SPARSE_DIVERGENCES}")
-    T, V = _number("temperature", temperature, lo=0, lo_open=True), lm_head_weight.shape[0]
+    T, V = _sparse_T(temperature, divergence), lm_head_weight.shape[0]
     vs = _shared_vocab(vocab_size, V, V)
     _check_targets(targets, student_hidden.shape[:-1], vs)
     a = _SparseArgs(divergence, T, kd_w, lm_w, denom, vs, rows)

@@ -225,6 +225,7 @@ def _four_entry_points():
 
 
 SHARED_BAD = [(dict(temperature=0.0), r"temperature must be a finite number in \(0, inf\], got 0.0"),
+              (dict(divergence="kl"), r"divergence.*'kl'"),
               (dict(ignore_index=1.5), r"ignore_index must be an int, got 1.5"),
               (dict(ignore_index=True), r"ignore_index must be an int, got True"),
               (dict(vocab_size=11), r"vocab_size must be an int in \[1, 10\], got 11"),
@@ -237,9 +238,11 @@ SHARED_BAD = [(dict(temperature=0.0), r"temperature must be a finite number in \
 @pytest.mark.parametrize("name", ["kd_loss", "sparse_kd_loss", "fused_kd_loss", "fused_sparse_kd_loss"])
 @pytest.mark.parametrize("bad,msg", SHARED_BAD)
 def test_the_four_losses_reject_a_shared_argument_with_the_same_line(name, bad, msg):
+    "Each bad shared argument: one ValueError line, the same from every loss (the sparse pair name their own divergences)."
     bad = dict(bad); y = bad.pop("y", torch.zeros(2, 3, dtype=torch.long))
     if name in ("kd_loss", "sparse_kd_loss") and "labels must be in" in msg:   # the unfused losses never index by label
         assert _four_entry_points()[name](y, **bad).isfinite(); return
+    if "sparse" in name and bad.get("divergence") == "kl": msg = "divergence 'kl' has no sound sparse form: it needs the teacher's"
     with pytest.raises(ValueError, match=msg):
         _four_entry_points()[name](y, **bad)
 
