@@ -25,7 +25,7 @@ from fastcore.script import CliError
 
 # %% ../nbs/08_cli.ipynb #54384572
 from .distiller import DEFAULT_RECIPE, PRECISIONS, _in_notebook, _int   # one list of precisions, one notebook test, one int check
-from .losses import DIVERGENCES, SPARSE_METHODS
+from .losses import DIVERGENCES, SPARSE_DIVERGENCES, SPARSE_METHODS
 from .models import SELECTIONS
 from .record import (write_atomic, json_safe, read_summary, RunDir, write_history, read_history, column, gap_closed, PLOTS,
                           plot_run, headline_table, verdict, summary_lines, render_report, save_run, final_eval, _dur, _finite)
@@ -233,6 +233,8 @@ def _check_cache_run(self):
                            ("on_policy", self.on_policy is not None, "on-policy KD needs the teacher to grade new samples"),
                            ("baseline", self.baseline != "none", "the CE baseline's comparison needs the live teacher"),
                            ("ood", self.ood not in ("auto", "none"), "out-of-domain evaluation needs the live teacher"),
+                           ("divergence", self.divergence not in SPARSE_DIVERGENCES,
+                            f"a cache keeps the teacher's sparse targets, which serve only {', '.join(SPARSE_DIVERGENCES)}"),
                            ("curriculum", self.curriculum and any(Curriculum.from_dict(self.curriculum)[n].max_point()[1] > 0
                                                                    for n in ("feat", "layer", "attn", "contr")),
                             "alignment components need the teacher's hidden states; a cache holds only its sparse targets")):

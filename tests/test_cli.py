@@ -686,7 +686,8 @@ def test_cache_then_distill_from_cache(cache_dir, assets, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "student").config.num_hidden_layers == 1
 
 
-@pytest.mark.parametrize("case", ["missing", "no_manifest", "damaged_manifest", "with_data", "other_teacher", "seq_len", "batch_size"])
+@pytest.mark.parametrize("case", ["missing", "no_manifest", "damaged_manifest", "with_data", "other_teacher", "seq_len", "batch_size",
+                                  "divergence"])
 def test_bad_cache_is_one_line(case, cache_dir, assets, tmp_path):
     bad = tmp_path / "bad"
     if case != "missing": shutil.copytree(cache_dir, bad)
@@ -696,13 +697,16 @@ def test_bad_cache_is_one_line(case, cache_dir, assets, tmp_path):
         from kdlit.models import tiny_pair
         t, _, tok = tiny_pair(seed=1); t.save_pretrained(tmp_path / "t2"); tok.save_pretrained(tmp_path / "t2")
     teacher = tmp_path / "t2" if case == "other_teacher" else assets / "teacher"
-    extra = dict(with_data=["--data", assets / "corpus.txt"], seq_len=["--seq-len", 64], batch_size=["--batch-size", 2]).get(case, [])
-    r = kdlit("distill", "--cache", cache_dir if case in ("with_data", "other_teacher", "seq_len", "batch_size") else bad, "--teacher", teacher,
+    extra = dict(with_data=["--data", assets / "corpus.txt"], seq_len=["--seq-len", 64], batch_size=["--batch-size", 2],
+                 divergence=["--divergence", "jsd"]).get(case, [])
+    good = ("with_data", "other_teacher", "seq_len", "batch_size", "divergence")
+    r = kdlit("distill", "--cache", cache_dir if case in good else bad, "--teacher", teacher,
               "--steps", 2, "--out", tmp_path / "o", *extra)
     line = _one_line_failure(r, tmp_path / "o")
     want = dict(missing="cache:", no_manifest="cache:", damaged_manifest="cache:", with_data="data: not with --cache",
                 other_teacher="not the teacher the cache was captured from",
-                seq_len="seq_len: 64 given, but the cache", batch_size="batch_size: 2 given, but the cache")[case]
+                seq_len="seq_len: 64 given, but the cache", batch_size="batch_size: 2 given, but the cache",
+                divergence="divergence: not with --cache (a cache keeps the teacher's sparse targets")[case]
     assert want in line and line.startswith("kdlit distill: error:"), line
 
 
