@@ -261,23 +261,26 @@ def _ce_grad(ce, p, m, V, E, cst, col):
         S.scatter_add_(1, ce.y[p:p + m, None], torch.full((m, 1), -ce.scale, dtype=S.dtype, device=S.device))
 
 # %% ../nbs/00_kd_loss.ipynb #75f5be87
-def _sweep(job, pieces, st, cst, fixed):
-    "One thread's share of a sweep: row sums into `st`, CE sums into `cst`, reference values of redone rows into `fixed`."
+def _sweep(job, pieces, st, cst, fixed, check=True):
+    """One thread's share of a sweep: row sums into `st`, CE sums into `cst`, reference values of redone rows into `fixed`.
+    `check`: look for rows the formulas cannot value block by block (needed when the gradient overwrites the logits)."""
     sp, k, V, kern = job.spec, job.rows, job.s.shape[1], _KERNELS[job.spec.divergence]
     new = lambda cols: torch.empty(k, cols, dtype=st.dtype, device=st.device)
     B, c = [new(V) for _ in range(kern.buffers)], [new(1) for _ in range(3)]
     gbuf = new(V).to(job.grad.dtype) if job.grad is not None and pieces and pieces[0][1] is None and job.s_idx is not None else None
     E = new(job.ce.S.shape[1]) if job.ce is not None else None
+    views = {}                                                   # the buffers' first m rows, by m
     with torch.no_grad():
         for p, s0, t0, m in pieces:
             sb, tb = _side(job.s, job.s_idx, p, s0, m), _side(job.t, job.t_rows, p, t0, m)
             gb = None if job.grad is None else (gbuf[:m] if gbuf is not None else _side(job.grad, None, p, s0, m))
-            Bm, cm, stm = [x[:m] for x in B], [x[:m] for x in c], st[:, p:p + m]
+            if m not in views: views[m] = [x[:m] for x in B], [x[:m] for x in c]
+            (Bm, cm), stm = views[m], st[:, p:p + m]
             if job.ce is not None: _ce_value(job.ce, p, m, E[:m], cst)
             _shift(sb, Bm[0], cm[0], _LOG2E / sp.T); _shift(tb, Bm[1], cm[1], _LOG2E / sp.T)
             kern.value(Bm, cm, stm, sp)
             redo = None
-            if not math.isfinite(stm.sum().item()):   # −inf logits: the reference, while the logits are intact
+            if check and not math.isfinite(stm.sum().item()):   # −inf logits: the reference, while the logits are intact
                 bad = (~torch.isfinite(stm)).any(0)[:, 0].nonzero()[:, 0]
                 redo = (bad, *_redo(sp, sb, tb, bad, gb is not None)); fixed.append((bad + p, redo[1]))
             if gb is not None:
@@ -328,10 +331,16 @@ def _kd_blocks(job):
     st = torch.zeros(3, n, 1, dtype=cdt, device=dev)      # zeros: a kernel may fill fewer than three sums
     cst = torch.empty(3, n, 1, dtype=torch.float32, device=dev) if job.ce is not None else None
     fixed, workers = [], _workers(dev, len(pieces))
-    if workers == 1: _sweep(job, pieces, st, cst, fixed)
+    late = job.ce is None and (job.grad is None or job.grad.untyped_storage().data_ptr() != job.s.untyped_storage().data_ptr())
+    if workers == 1: _sweep(job, pieces, st, cst, fixed, not late)
     else:
         cut = [len(pieces) * w // workers for w in range(workers + 1)]
-        list(_pool(workers).map(lambda w: _sweep(job, pieces[cut[w]:cut[w + 1]], st, cst, fixed), range(workers)))
+        list(_pool(workers).map(lambda w: _sweep(job, pieces[cut[w]:cut[w + 1]], st, cst, fixed, not late), range(workers)))
+    if late and not math.isfinite(st.sum().item()):  # logits left intact: rows the formulas cannot value, checked once
+        bad = (~torch.isfinite(st)).any(0)[:, 0].nonzero()[:, 0]
+        rs, rt = (bad if r is None else r[bad] for r in (job.s_idx, job.t_rows))
+        d, g = _redo(job.spec, job.s[rs], job.t[rt], slice(None), job.grad is not None); fixed.append((bad, d))
+        if job.grad is not None: job.grad[rs] = g.to(job.grad.dtype)
     D = _KERNELS[job.spec.divergence].rows(job.spec, *st.double()[..., 0])
     for pos, d in fixed: D[pos] = d.double()
     if job.ce is None: return D.sum(), None

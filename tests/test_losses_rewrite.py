@@ -254,3 +254,31 @@ def test_chunk_size_is_checked_alike(name, lo):
         with pytest.raises(ValueError, match=rf"chunk_size must be None or an int >= {lo}, got {bad!r}"): f(y, chunk_size=bad)
     out = f(y, chunk_size=lo)                                  # kd_loss's 0: the autograd reference
     assert (out if name == "kd_loss" else out.loss).isfinite()
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("mask", ["runs", "scattered"])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_neg_inf_rows_under_masking_equal_the_reference(div, mask, inplace, dtype):
+    """Rows with −inf logits among masked positions — walked as runs, or gathered when the mask is scattered — get the
+    reference's value and gradient whether the gradient has its own buffer (checked once, after the sweep) or overwrites the
+    logits (checked block by block), on one thread and split between two."""
+    s, t = _logits(0, (3, 11, 40), dtype=dtype), _logits(1, (3, 11, 40), dtype=dtype)
+    s[0, 4, :6] = t[0, 4, :6] = -math.inf; s[2, 9, 10:13] = t[2, 9, 10:13] = -math.inf; t[1, 1, 30:] = -math.inf
+    if div in ("reverse_kl",): t[1, 1, 30:] = 0.
+    labels = torch.randint(0, 40, (3, 11))
+    if mask == "runs": labels[0, :2] = labels[1, 5:9] = -100
+    else: labels.view(-1)[1::2] = -100; labels[0, 4] = labels[2, 9] = labels[1, 1] = 1
+    kw = dict(temperature=2.0, divergence=div)
+    z = s.clone().requires_grad_(); ref = kd_loss(z, t, labels, chunk_size=0, **kw); ref.backward()
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x = s.clone().requires_grad_(); loss = kd_loss(x, t, labels, chunk_size=2, inplace_backward=inplace, **kw)
+            loss.backward()
+            assert loss.isfinite() and x.grad.isfinite().all(), (threads,)
+            torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(x.grad.float(), z.grad.float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4)
+    finally: torch.set_num_threads(old)
