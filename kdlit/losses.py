@@ -218,6 +218,10 @@ class _Job(NamedTuple):
     def n(self): return next((len(i) for i in (self.s_idx, self.t_idx) if i is not None), self.s.shape[0])
     @property
     def t_rows(self): return self.s_idx if self.t_idx is None else self.t_idx
+    @property
+    def overwrites(self):
+        "Whether the sweep writes over the logits it reads (the in-place gradient, a fused block's CE): rows to redo must then be found block by block, before each gradient is written."
+        return self.ce is not None or (self.grad is not None and self.grad.untyped_storage().data_ptr() == self.s.untyped_storage().data_ptr())
 
 # %% ../nbs/00_kd_loss.ipynb #a9b85475
 def _runs(job):
@@ -261,9 +265,14 @@ def _ce_grad(ce, p, m, V, E, cst, col):
         S.scatter_add_(1, ce.y[p:p + m, None], torch.full((m, 1), -ce.scale, dtype=S.dtype, device=S.device))
 
 # %% ../nbs/00_kd_loss.ipynb #75f5be87
+def _nonfinite_rows(st):
+    "Rows of a row-sum table `[3, m, 1]` the formulas cannot value (a sum not finite: −inf logits), or None when there are none."
+    if math.isfinite(st.sum().item()): return None
+    return (~torch.isfinite(st)).any(0)[:, 0].nonzero()[:, 0]
+
 def _sweep(job, pieces, st, cst, fixed, check=True):
     """One thread's share of a sweep: row sums into `st`, CE sums into `cst`, reference values of redone rows into `fixed`.
-    `check`: look for rows the formulas cannot value block by block (needed when the gradient overwrites the logits)."""
+    `check`: redo rows the formulas cannot value block by block (False: the caller checks the table after the sweep)."""
     sp, k, V, kern = job.spec, job.rows, job.s.shape[1], _KERNELS[job.spec.divergence]
     new = lambda cols: torch.empty(k, cols, dtype=st.dtype, device=st.device)
     B, c = [new(V) for _ in range(kern.buffers)], [new(1) for _ in range(3)]
@@ -279,10 +288,9 @@ def _sweep(job, pieces, st, cst, fixed, check=True):
             if job.ce is not None: _ce_value(job.ce, p, m, E[:m], cst)
             _shift(sb, Bm[0], cm[0], _LOG2E / sp.T); _shift(tb, Bm[1], cm[1], _LOG2E / sp.T)
             kern.value(Bm, cm, stm, sp)
-            redo = None
-            if check and not math.isfinite(stm.sum().item()):   # −inf logits: the reference, while the logits are intact
-                bad = (~torch.isfinite(stm)).any(0)[:, 0].nonzero()[:, 0]
-                redo = (bad, *_redo(sp, sb, tb, bad, gb is not None)); fixed.append((bad + p, redo[1]))
+            bad = _nonfinite_rows(stm) if check else None   # the reference, while the logits are intact
+            redo = None if bad is None else (bad, *_redo(sp, sb, tb, bad, gb is not None))
+            if redo is not None: fixed.append((bad + p, redo[1]))
             if gb is not None:
                 kern.grad(Bm, cm, stm, sp, gb)
                 if redo is not None: gb[redo[0]] = redo[2].to(gb.dtype)
@@ -331,13 +339,13 @@ def _kd_blocks(job):
     st = torch.zeros(3, n, 1, dtype=cdt, device=dev)      # zeros: a kernel may fill fewer than three sums
     cst = torch.empty(3, n, 1, dtype=torch.float32, device=dev) if job.ce is not None else None
     fixed, workers = [], _workers(dev, len(pieces))
-    late = job.ce is None and (job.grad is None or job.grad.untyped_storage().data_ptr() != job.s.untyped_storage().data_ptr())
-    if workers == 1: _sweep(job, pieces, st, cst, fixed, not late)
+    each = job.overwrites                                 # else the logits stay intact: one check after the sweep
+    if workers == 1: _sweep(job, pieces, st, cst, fixed, each)
     else:
         cut = [len(pieces) * w // workers for w in range(workers + 1)]
-        list(_pool(workers).map(lambda w: _sweep(job, pieces[cut[w]:cut[w + 1]], st, cst, fixed, not late), range(workers)))
-    if late and not math.isfinite(st.sum().item()):  # logits left intact: rows the formulas cannot value, checked once
-        bad = (~torch.isfinite(st)).any(0)[:, 0].nonzero()[:, 0]
+        list(_pool(workers).map(lambda w: _sweep(job, pieces[cut[w]:cut[w + 1]], st, cst, fixed, each), range(workers)))
+    bad = None if each else _nonfinite_rows(st)   # logits left intact: checked once, after the sweep
+    if bad is not None:
         rs, rt = (bad if r is None else r[bad] for r in (job.s_idx, job.t_rows))
         d, g = _redo(job.spec, job.s[rs], job.t[rt], slice(None), job.grad is not None); fixed.append((bad, d))
         if job.grad is not None: job.grad[rs] = g.to(job.grad.dtype)

@@ -265,8 +265,8 @@ def test_neg_inf_rows_under_masking_equal_the_reference(div, mask, inplace, dtyp
     reference's value and gradient whether the gradient has its own buffer (checked once, after the sweep) or overwrites the
     logits (checked block by block), on one thread and split between two."""
     s, t = _logits(0, (3, 11, 40), dtype=dtype), _logits(1, (3, 11, 40), dtype=dtype)
-    s[0, 4, :6] = t[0, 4, :6] = -math.inf; s[2, 9, 10:13] = t[2, 9, 10:13] = -math.inf; t[1, 1, 30:] = -math.inf
-    if div in ("reverse_kl",): t[1, 1, 30:] = 0.
+    s[0, 4, :6] = t[0, 4, :6] = -math.inf; s[2, 9, 10:13] = t[2, 9, 10:13] = -math.inf
+    if div != "reverse_kl": t[1, 1, 30:] = -math.inf    # masked in the teacher only: finite except for KL(q‖p)
     labels = torch.randint(0, 40, (3, 11))
     if mask == "runs": labels[0, :2] = labels[1, 5:9] = -100
     else: labels.view(-1)[1::2] = -100; labels[0, 4] = labels[2, 9] = labels[1, 1] = 1
